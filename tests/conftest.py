@@ -1,0 +1,31 @@
+"""Shared pytest configuration: strict numerics, a PRNG-key fixture, float64 on demand."""
+import os
+
+# Tests run on CPU; keep XLA from grabbing every core's worth of threads for tiny problems.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "float32")
+
+
+@pytest.fixture
+def key():
+  """A fresh PRNG key per test."""
+  return jax.random.key(0)
+
+
+@pytest.fixture
+def rng():
+  """A seeded NumPy generator per test."""
+  return np.random.default_rng(0)
+
+
+@pytest.fixture
+def x64():
+  """Run the test body with float64 enabled (jax.enable_x64 context)."""
+  with jax.enable_x64(True):
+    yield
