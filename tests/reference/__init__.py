@@ -1,0 +1,1 @@
+"""Independent reference implementations used as test oracles (float64 NumPy)."""
