@@ -1,0 +1,261 @@
+"""One-layer GPTQ benchmark: gilora_jax against llm-compressor and a matmul roofline, in one process.
+
+Builds one synthetic but LLM-like layer (W: scaled Student-t; X: heavy-tailed tokens with a decaying spectrum
+and a few outlier features; H = XᵀX in float32, built once), quantizes it to 4 bits, group 128, symmetric, with
+our `gj.quantize_layer(method="gptq")` and with llm-compressor's GPTQ weight solve on the same W and H, and prints
+one JSON line (also appended to --out). See benchmarks/README.md for what each figure means.
+
+  PYTHONPATH=/path/to/main /work/venv-peer/bin/python benchmarks/layer.py
+  python benchmarks/layer.py --d 1024 --n-tokens 2048 --no-peer      # quick smoke run
+"""
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BITS, GROUP_SIZE, SYMMETRIC, DAMP, BLOCK_SIZE = 4, 128, True, 0.01, 128
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--d", type=int, default=4096, help="d_in = d_out of the layer")
+  p.add_argument("--n-tokens", type=int, default=8192, help="calibration tokens behind H = XᵀX")
+  p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                 help="also run llm-compressor's GPTQ (skipped with a message when it is not installed)")
+  p.add_argument("--reps", type=int, default=3, help="timed repetitions (best-of) of the matmul and of our warm run")
+  p.add_argument("--peer-reps", type=int, default=1, help="timed repetitions (best-of) of llm-compressor")
+  p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads for llm-compressor")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "layer.jsonl")
+  return p.parse_args(argv)
+
+
+def log(msg):
+  print(f"[layer] {msg}", file=sys.stderr, flush=True)
+
+
+def version(dist):
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def make_layer(d, n_tokens, seed):
+  """W (d, d) and H = XᵀX (d, d), float32.
+
+  X = DCT(Z · s · signs) with Z ~ Student-t(5) (heavy-tailed tokens), s_k = (k+1)^-1/2 (a power-law spectrum:
+  eigenvalues of H decay like 1/k), a random-sign orthogonal DCT to spread the spectrum over all features, and
+  8 outlier features scaled ×20 (the massive activation channels of real LLMs). W ~ 0.02 · Student-t(5).
+  """
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import scipy.fft  # pylint: disable=import-outside-toplevel  (a jax dependency)
+  rng = np.random.default_rng(seed)
+  W = (0.02 * rng.standard_t(5.0, size=(d, d))).astype(np.float32)
+  s = (np.arange(d) + 1.0)**-0.5 * rng.choice([-1.0, 1.0], size=d)
+  X = rng.standard_t(5.0, size=(n_tokens, d)).astype(np.float32)
+  X *= s.astype(np.float32)
+  X = scipy.fft.dct(X, axis=1, norm="ortho", overwrite_x=True).astype(np.float32)
+  X[:, rng.choice(d, size=8, replace=False)] *= 20.0
+  Xj = jnp.asarray(X)
+  H = np.asarray(jnp.matmul(Xj.T, Xj, precision="highest"))
+  return W, H
+
+
+def matmul_rate(d, reps):
+  """Best-of-reps float32 (d × d) @ (d × d) rate in flop/s, through jnp on the default device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  ka, kb = jax.random.split(jax.random.key(1))
+  a = jax.random.normal(ka, (d, d), jnp.float32)
+  b = jax.random.normal(kb, (d, d), jnp.float32)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(max(1, reps)):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * d**3 / best
+
+
+def rel_output_error(W, Q, H):
+  """tr(EᵀHE) / tr(WᵀHW), E = W − Q: the relative layer-output error ‖X(W − Q)‖² / ‖XW‖² (float32, HIGHEST)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  Hj, Wj = jnp.asarray(H), jnp.asarray(W)
+  Ej = Wj - jnp.asarray(Q, jnp.float32)
+  num = jnp.sum(Ej * jnp.matmul(Hj, Ej, precision="highest"))
+  den = jnp.sum(Wj * jnp.matmul(Hj, Wj, precision="highest"))
+  return float(num / den)
+
+
+def rtn_q(W, bits, group_size):
+  """Round-to-nearest on the IST symmetric group grid (rows = input features), for context."""
+  d_in, d_out = W.shape
+  maxq = 2**bits - 1
+  Wg = W.astype(np.float64).reshape(d_in // group_size, group_size, d_out)
+  xmin = np.minimum(Wg.min(axis=1, keepdims=True), 0.0)
+  xmax = np.maximum(Wg.max(axis=1, keepdims=True), 0.0)
+  xmax = np.maximum(np.abs(xmin), xmax)
+  xmin = np.where(xmin < 0, -xmax, xmin)
+  zero_range = (xmin == 0) & (xmax == 0)
+  xmin, xmax = np.where(zero_range, -1.0, xmin), np.where(zero_range, 1.0, xmax)
+  scale, zero = (xmax - xmin) / maxq, (maxq + 1) / 2
+  q = np.clip(np.round(Wg / scale) + zero, 0, maxq)
+  return (scale * (q - zero)).reshape(d_in, d_out)
+
+
+def run_ours(W, H, reps):
+  """gj.quantize_layer(method="gptq"): (first call incl. compile, best warm call, Q) or None when unavailable."""
+  try:
+    import gilora_jax as gj  # pylint: disable=import-outside-toplevel
+    quantize_layer = gj.quantize_layer
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"gilora_jax.quantize_layer unavailable ({type(e).__name__}: {e}); skipping ours")
+    return None
+  if not callable(quantize_layer):
+    log("gilora_jax.quantize_layer is not implemented yet (placeholder); skipping ours")
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  Wj, Hj = jnp.asarray(W), jnp.asarray(H)
+
+  def call():
+    t = time.perf_counter()
+    res = quantize_layer(Wj, Hj, method="gptq", bits=BITS, rank=0, group_size=GROUP_SIZE, symmetric=SYMMETRIC,
+                         damp=DAMP, act_order=False)
+    jax.block_until_ready([res.Q, res.codes, res.scales, res.zeros])
+    return time.perf_counter() - t, res
+
+  first, res = call()
+  log(f"ours: first call (compile + run) {first:.2f} s")
+  warm = min(call()[0] for _ in range(max(1, reps)))
+  log(f"ours: warm call {warm:.2f} s")
+  return {"first_s": first, "warm_s": warm, "Q": np.asarray(res.Q, np.float32),
+          "gilora_commit": _git_commit(pathlib.Path(gj.__file__).parent)}
+
+
+def run_llmc(W, H, n_tokens, reps, threads):
+  """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: (best seconds, Q) or None when not installed.
+
+  The same steps as `GPTQModifier.compress_module_list`: the default weight observer (memoryless min-max) fits
+  the group grids on the original weight, then `quantize_weight` runs the sweep. llm-compressor keeps
+  H = Σ 2·xxᵀ / num_samples; the damping is relative to mean(diag H), so any positive scaling gives the same
+  codes: we pass 2·H / n_tokens. actorder=None to match our act_order=False.
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    from compressed_tensors.quantization import QuantizationArgs  # pylint: disable=import-outside-toplevel
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # pylint: disable=import-outside-toplevel
+    from llmcompressor.observers import Observer  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    log(f"llm-compressor not installed ({e}); skipping the peer. Install the `peer` extra (benchmarks/README.md).")
+    return None
+  torch.set_num_threads(threads)
+  args = QuantizationArgs(num_bits=BITS, type="int", strategy="group", group_size=GROUP_SIZE, symmetric=SYMMETRIC,
+                          actorder=None)
+  weight = torch.from_numpy(np.ascontiguousarray(W.T))  # (d_out, d_in), as nn.Linear.weight
+  hessian = torch.from_numpy(np.array(H)) * (2.0 / n_tokens)
+  best, Q = float("inf"), None
+  for _ in range(max(1, reps)):
+    w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
+    with torch.no_grad():
+      t = time.perf_counter()
+      observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+      observer(weight)
+      qp = observer.get_qparams()
+      q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
+                                       blocksize=BLOCK_SIZE, percdamp=DAMP)
+      best = min(best, time.perf_counter() - t)
+    if bool(fallback.any()):
+      log("llm-compressor fell back to RTN (Cholesky failed)")
+    Q = q[0].numpy().T
+  log(f"llm-compressor: {best:.2f} s (torch threads {torch.get_num_threads()})")
+  return {"s": best, "Q": np.asarray(Q, np.float32), "torch_threads": torch.get_num_threads()}
+
+
+def _git_commit(path):
+  try:
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def machine_facts():
+  import jax  # pylint: disable=import-outside-toplevel
+  cpu = None
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {
+      "cores": os.cpu_count(),
+      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "cpu": cpu or platform.processor(),
+      "jax_backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind),
+      "python": platform.python_version(),
+      **{k.replace("-", "_"): version(k)
+         for k in ("jax", "jaxlib", "numpy", "torch", "llmcompressor", "compressed-tensors")},
+  }
+
+
+def main(argv=None):
+  a = parse_args(argv)
+  if a.d % GROUP_SIZE:
+    raise SystemExit(f"--d must be a multiple of {GROUP_SIZE}")
+  t_all, load_before = time.perf_counter(), os.getloadavg()[0]
+  log(f"building the layer: d={a.d}, n_tokens={a.n_tokens}, seed={a.seed}")
+  W, H = make_layer(a.d, a.n_tokens, a.seed)
+
+  rate = matmul_rate(a.d, a.reps)
+  roofline_s = (a.d**3 + (2.0 / 3.0) * a.d**3) / rate
+  log(f"float32 matmul {rate / 1e9:.1f} Gflop/s -> roofline {roofline_s:.3f} s")
+
+  ours = run_ours(W, H, a.reps)
+  llmc = run_llmc(W, H, a.n_tokens, a.peer_reps, a.torch_threads) if a.peer else None
+  if not a.peer:
+    log("--no-peer: skipping llm-compressor")
+
+  rec = {
+      "bench": "layer_gptq",
+      "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "d_in": a.d, "d_out": a.d, "n_tokens": a.n_tokens, "seed": a.seed,
+      "bits": BITS, "group_size": GROUP_SIZE, "symmetric": SYMMETRIC, "damp": DAMP, "block_size": BLOCK_SIZE,
+      "matmul_gflops": rate / 1e9, "roofline_s": roofline_s,
+      "ours_first_s": None, "ours_warm_s": None, "ours_over_roofline": None,
+      "llmc_s": None, "llmc_over_ours": None,
+      "ours_rel_err": None, "llmc_rel_err": None, "err_ratio_ours_over_llmc": None,
+      "rtn_rel_err": rel_output_error(W, rtn_q(W, BITS, GROUP_SIZE), H),
+  }
+  if ours:
+    rec.update(ours_first_s=ours["first_s"], ours_warm_s=ours["warm_s"], ours_over_roofline=ours["warm_s"] / roofline_s,
+               ours_rel_err=rel_output_error(W, ours["Q"], H), gilora_commit=ours["gilora_commit"])
+  if llmc:
+    rec.update(llmc_s=llmc["s"], llmc_rel_err=rel_output_error(W, llmc["Q"], H), torch_threads=llmc["torch_threads"])
+  if ours and llmc:
+    rec.update(llmc_over_ours=llmc["s"] / ours["warm_s"],
+               err_ratio_ours_over_llmc=rec["ours_rel_err"] / rec["llmc_rel_err"])
+  rec.update(machine_facts())
+  rec.update(total_s=time.perf_counter() - t_all, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
+
+  line = json.dumps(rec, sort_keys=False)
+  print(line, flush=True)
+  a.out.parent.mkdir(parents=True, exist_ok=True)
+  with open(a.out, "a", encoding="utf-8") as f:
+    f.write(line + "\n")
+  return rec
+
+
+if __name__ == "__main__":
+  main()
