@@ -32,7 +32,8 @@ def parse_args(argv=None):
                  help="also run llm-compressor's GPTQ (skipped with a message when it is not installed)")
   p.add_argument("--reps", type=int, default=3, help="timed repetitions (best-of) of the matmul and of our warm run")
   p.add_argument("--peer-reps", type=int, default=1, help="timed repetitions (best-of) of llm-compressor")
-  p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch threads for llm-compressor")
+  p.add_argument("--torch-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
+                 help="torch thread counts to time llm-compressor with; llmc_s is the best (default: cores and 1)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "layer.jsonl")
   return p.parse_args(argv)
@@ -143,13 +144,13 @@ def run_ours(W, H, reps):
           "gilora_commit": _git_commit(pathlib.Path(gj.__file__).parent)}
 
 
-def run_llmc(W, H, n_tokens, reps, threads):
-  """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: (best seconds, Q) or None when not installed.
+def run_llmc(W, H, n_tokens, reps, thread_counts):
+  """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: best seconds per thread count, and Q.
 
   The same steps as `GPTQModifier.compress_module_list`: the default weight observer (memoryless min-max) fits
   the group grids on the original weight, then `quantize_weight` runs the sweep. llm-compressor keeps
   H = Σ 2·xxᵀ / num_samples; the damping is relative to mean(diag H), so any positive scaling gives the same
-  codes: we pass 2·H / n_tokens. actorder=None to match our act_order=False.
+  codes: we pass 2·H / n_tokens. actorder=None to match our act_order=False. Returns None when not installed.
   """
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -159,27 +160,32 @@ def run_llmc(W, H, n_tokens, reps, threads):
   except ImportError as e:
     log(f"llm-compressor not installed ({e}); skipping the peer. Install the `peer` extra (benchmarks/README.md).")
     return None
-  torch.set_num_threads(threads)
   args = QuantizationArgs(num_bits=BITS, type="int", strategy="group", group_size=GROUP_SIZE, symmetric=SYMMETRIC,
                           actorder=None)
   weight = torch.from_numpy(np.ascontiguousarray(W.T))  # (d_out, d_in), as nn.Linear.weight
   hessian = torch.from_numpy(np.array(H)) * (2.0 / n_tokens)
-  best, Q = float("inf"), None
-  for _ in range(max(1, reps)):
-    w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
-    with torch.no_grad():
-      t = time.perf_counter()
-      observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
-      observer(weight)
-      qp = observer.get_qparams()
-      q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
-                                       blocksize=BLOCK_SIZE, percdamp=DAMP)
-      best = min(best, time.perf_counter() - t)
-    if bool(fallback.any()):
-      log("llm-compressor fell back to RTN (Cholesky failed)")
-    Q = q[0].numpy().T
-  log(f"llm-compressor: {best:.2f} s (torch threads {torch.get_num_threads()})")
-  return {"s": best, "Q": np.asarray(Q, np.float32), "torch_threads": torch.get_num_threads()}
+  by_threads, Q = {}, None
+  for threads in thread_counts:
+    torch.set_num_threads(threads)
+    best = float("inf")
+    for _ in range(max(1, reps)):
+      w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
+      with torch.no_grad():
+        t = time.perf_counter()
+        observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+        observer(weight)
+        qp = observer.get_qparams()
+        q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
+                                         blocksize=BLOCK_SIZE, percdamp=DAMP)
+        best = min(best, time.perf_counter() - t)
+      if bool(fallback.any()):
+        log("llm-compressor fell back to RTN (Cholesky failed)")
+      Q = q[0].numpy().T
+    by_threads[str(threads)] = best
+    log(f"llm-compressor: {best:.2f} s with {threads} torch thread(s)")
+  best_threads = min(by_threads, key=by_threads.get)
+  return {"s": by_threads[best_threads], "s_by_threads": by_threads, "torch_threads": int(best_threads),
+          "Q": np.asarray(Q, np.float32)}
 
 
 def _git_commit(path):
@@ -242,7 +248,8 @@ def main(argv=None):
     rec.update(ours_first_s=ours["first_s"], ours_warm_s=ours["warm_s"], ours_over_roofline=ours["warm_s"] / roofline_s,
                ours_rel_err=rel_output_error(W, ours["Q"], H), gilora_commit=ours["gilora_commit"])
   if llmc:
-    rec.update(llmc_s=llmc["s"], llmc_rel_err=rel_output_error(W, llmc["Q"], H), torch_threads=llmc["torch_threads"])
+    rec.update(llmc_s=llmc["s"], llmc_s_by_torch_threads=llmc["s_by_threads"], llmc_torch_threads=llmc["torch_threads"],
+               llmc_rel_err=rel_output_error(W, llmc["Q"], H))
   if ours and llmc:
     rec.update(llmc_over_ours=llmc["s"] / ours["warm_s"],
                err_ratio_ours_over_llmc=rec["ours_rel_err"] / rec["llmc_rel_err"])
