@@ -97,7 +97,8 @@ class LayerConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _validate(W: jax.Array, H: jax.Array, cfg: LayerConfig, damp: float) -> None:
+def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> None:
+  """Host-side checks (NumPy: no compilation, exact counts)."""
   if W.ndim != 2:
     raise ValueError(f"W must be a 2-D (d_in, d_out) weight; got shape {tuple(W.shape)}.")
   d_in, d_out = W.shape
@@ -109,7 +110,7 @@ def _validate(W: jax.Array, H: jax.Array, cfg: LayerConfig, damp: float) -> None
     raise ValueError(f"H is {H.shape[0]}×{H.shape[0]} but W has d_in={d_in} rows; H must be XᵀX of this layer's "
                      f"inputs.{hint}")
   for name, a in (("W", W), ("H", H)):
-    bad = int(jnp.size(a) - jnp.sum(jnp.isfinite(a)))
+    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
     if bad:
       raise ValueError(f"{name} contains {bad} NaN/Inf entries; fix the upstream computation (a diverged model, "
                        f"an fp16 overflow in the calibration forward) before quantizing.")
@@ -150,111 +151,143 @@ def _validate(W: jax.Array, H: jax.Array, cfg: LayerConfig, damp: float) -> None
 
 @jax.jit
 def _prepare(W, H):
-  """Dead features fixed, symmetrised H."""
-  H = 0.5 * (H + H.T)
-  return hessian.fix_dead(H, W)
+  """Dead features fixed, symmetrised H, and mean diag H (the unit of the damping)."""
+  H, W, dead = hessian.fix_dead(0.5 * (H + H.T), W)
+  return H, W, dead, jnp.mean(jnp.diagonal(H))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _sweep_hessian(H, damp, cfg: LayerConfig):
-  """The damped Hessian the GPTQ sweep uses (deflated for gilora), its λ and (gilora) the intrinsic parts."""
-  if cfg.method == "gilora":
-    ih = intrinsic.deflate(H, cfg.rank, damp)
-    return ih.S, ih.lam, ih
-  lam = hessian.damping(H, damp)
-  return H + lam * jnp.eye(H.shape[0], dtype=H.dtype), lam, None
-
-
-@functools.partial(jax.jit, static_argnames=("act_order", "method"))
-def _factor(Hd, act_order: bool, method: str):
+@functools.partial(jax.jit, static_argnames=("deflate_rank", "act_order", "method"))
+def _factor(H, damp, deflate_rank: int | None, act_order: bool, method: str):
+  """The damped sweep Hessian (deflated for gilora) in sweep order, its triangular factor, and whether it is
+  finite; gilora's intrinsic parts ride along."""
+  if deflate_rank is not None:
+    ih = intrinsic.deflate(H, deflate_rank, damp)
+    Hd = ih.S
+  else:
+    ih = None
+    Hd = H + hessian.damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
   perm = jnp.argsort(-jnp.diagonal(Hd), stable=True) if act_order else jnp.arange(Hd.shape[0])
   T = hessian.factor(Hd[perm][:, perm], method)
   ok = jnp.all(jnp.isfinite(T)) & jnp.all(jnp.diagonal(T) > 0)
-  return T, perm, ok
+  return ih, T, perm, ok
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _gptq(W, T, perm, W_grid, cfg: LayerConfig):
+@functools.partial(jax.jit, static_argnames=("spec", "lazy", "block_size"))
+def _gptq(W, T, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
   """GPTQ codes in the original row order, and the grid."""
-  spec = cfg.spec
   d_in = W.shape[0]
-  lazy = spec.group_size is not None and not (cfg.act_order or cfg.static_groups)
   if lazy:
-    codes, grid, _ = gptq_lib.gptq(W, T, spec, block_size=cfg.block_size)
+    codes, grid, _ = gptq_lib.gptq(W, T, spec, block_size=block_size)
     return codes, grid
-  grid = grid_lib.fit_grid(W_grid, spec)
+  # As the reference: per-channel grids come from W as given, static group grids from W with dead rows zeroed.
+  grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
   row_group = grid_lib.contiguous_row_group(d_in, spec)[perm]
-  codes_p, _, _ = gptq_lib.gptq(W[perm], T, spec, grid=grid, row_group=row_group, block_size=cfg.block_size)
+  codes_p, _, _ = gptq_lib.gptq(W[perm], T, spec, grid=grid, row_group=row_group, block_size=block_size)
   return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _rtn(W, cfg: LayerConfig):
-  codes, grid = grid_lib.rtn(W, cfg.spec)
-  return codes, grid
-
-
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _dequantize(codes, grid, spec):
-  return grid_lib.dequantize(codes, grid, spec)
+def _rtn(W, spec: QuantGrid):
+  return grid_lib.rtn(W, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _olrc(E, Hd, rank):
-  return lowrank.olrc(E, Hd, rank)
+@functools.partial(jax.jit, static_argnames=("spec", "method", "rank", "diagnostics"))
+def _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec: QuantGrid, method: str, rank: int, diagnostics: bool):
+  """Q, the method's own low-rank term, the damped objective Hessian, and the pre-refinement errors."""
+  Q = grid_lib.dequantize(codes, grid, spec)
+  Hd = Hf + hessian.damping(Hf, damp) * jnp.eye(Hf.shape[0], dtype=Hf.dtype)
+  E = Wz - Q
+  if method == "gptq+lorc":
+    lr = lowrank.lorc(E, rank)
+  elif method == "gptq+olrc":
+    lr, _ = lowrank.olrc(E, Hd, rank)
+  elif method == "gilora":
+    lr = lowrank.LowRank(ih.V, intrinsic.ridge_r(ih, E))
+  else:
+    lr = lowrank.LowRank(jnp.zeros((W.shape[0], 0), W.dtype), jnp.zeros((0, W.shape[1]), W.dtype))
+  stats = {}
+  if diagnostics:
+    zero = lowrank.LowRank(lr.L[:, :0], lr.R[:0])
+    stats = {"rel_err_quantized": _rel_err(W, Q, zero, H), "rel_err_method": _rel_err(W, Q, lr, H),
+             "objective": lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)}
+  return Q, lr, Hd, stats
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _lorc(E, rank):
-  return lowrank.lorc(E, rank)
+@functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size"))
+def _refine(Wz, codes, grid, Hd, spec: QuantGrid, rank: int, loops: int, order: str, deflated: bool,
+            block_size: int):
+  """``loops`` × [OLrC → Bid-Up] then OLrC; returns codes, Q, (L, R) and the objective after every step."""
+  trace = []
+
+  def objective(Q, lr):
+    return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)
+
+  Q = grid_lib.dequantize(codes, grid, spec)
+  for _ in range(loops):  # loops is small (Paper A: 1–2) and static; each iteration is two exact block steps
+    lr, _ = lowrank.olrc(Wz - Q, Hd, rank)
+    trace.append(objective(Q, lr))
+    if deflated:
+      HS, P = bidup_lib.deflated_hessian(Hd, lr.L)
+      codes = bidup_lib.bidup(Wz, codes, grid, HS, spec, order=order, block_size=block_size)
+      Q = grid_lib.dequantize(codes, grid, spec)
+      lr = lowrank.LowRank(lr.L, _mm(P, Wz - Q))
+    else:
+      codes = bidup_lib.bidup(Wz - _mm(lr.L, lr.R), codes, grid, Hd, spec, order=order, block_size=block_size)
+      Q = grid_lib.dequantize(codes, grid, spec)
+    trace.append(objective(Q, lr))
+  lr, _ = lowrank.olrc(Wz - Q, Hd, rank)
+  trace.append(objective(Q, lr))
+  return codes, Q, lr, jnp.stack(trace)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "rank"))
+def _report(W, H, Hf, Q, lr, scales, lam, bits: int, rank: int):
+  """Final relative error and Paper A's bounds, relative to tr(WᵀHW)."""
+  eigs = jnp.linalg.eigvalsh(Hf)
+  tr = jnp.maximum(lowrank.objective(W, H), jnp.finfo(W.dtype).tiny)
+  return {"rel_err": _rel_err(W, Q, lr, H),
+          "upper_bound": bounds_lib.upper_bound(eigs, scales, rank, lam) / tr,
+          "lower_estimate": bounds_lib.lower_estimate(eigs, W, bits, rank) / tr}
 
 
 @jax.jit
-def _ridge(ih, E):
-  return intrinsic.ridge_r(ih, E)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _bidup_step(W, codes, grid, L, R, Hd, cfg: LayerConfig):
-  """One refinement Bid-Up: literal (L R fixed) or deflated (L fixed, R re-solved). Returns codes and R."""
-  if cfg.bidup_deflated:
-    HS, P = bidup_lib.deflated_hessian(Hd, L)
-    codes = bidup_lib.bidup(W, codes, grid, HS, cfg.spec, order=cfg.bidup_order, block_size=cfg.block_size)
-    Q = grid_lib.dequantize(codes, grid, cfg.spec)
-    return codes, jnp.matmul(P, W - Q, precision=HIGHEST)
-  Wt = W - jnp.matmul(L, R, precision=HIGHEST)
-  codes = bidup_lib.bidup(Wt, codes, grid, Hd, cfg.spec, order=cfg.bidup_order, block_size=cfg.block_size)
-  return codes, R
+def _final_rel_err(W, Q, lr, H):
+  return _rel_err(W, Q, lr, H)
 
 
 @jax.jit
-def _objective(W, Q, L, R, Hd):
-  return lowrank.objective(W - Q - jnp.matmul(L, R, precision=HIGHEST), Hd)
+def _objective(Wz, Q, lr, Hd):
+  return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "scaling"))
 def _srr_preserve(W, H, lam, key, k_fixed, rank, scaling):
-  """Scaling, k (criterion unless k_fixed ≥ 0), and the preserved term masked to its first k components."""
+  """Scaling, k (criterion unless k_fixed ≥ 0), the preserved term masked to its first k components, residual."""
   S, S_inv = srr_lib.scaling(H, scaling, lam)
   k = jnp.where(k_fixed >= 0, k_fixed, srr_lib.choose_k(W, S, rank, key))
-  pres = srr_lib.truncated(jnp.matmul(S, W, precision=HIGHEST), S_inv, rank)
+  pres = srr_lib.truncated(_mm(S, W), S_inv, rank)
   keep = jnp.arange(rank) < k
-  return S, S_inv, k, lowrank.LowRank(pres.L * keep, pres.R * keep[:, None])
+  pres = lowrank.LowRank(pres.L * keep[None, :], pres.R * keep[:, None])
+  return S, S_inv, k, pres, W - _mm(pres.L, pres.R)
 
 
-@functools.partial(jax.jit, static_argnames=("rank",))
-def _srr_reconstruct(E, S, S_inv, pres, k, rank):
+@functools.partial(jax.jit, static_argnames=("spec", "rank"))
+def _srr_reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec: QuantGrid, rank: int):
   """``S⁻¹ SVD_{r−k}(S E)`` and the rank-r concatenation [L₁ L₂] with the first k of L₁, first r−k of L₂."""
-  rec = srr_lib.truncated(jnp.matmul(S, E, precision=HIGHEST), S_inv, rank)
+  E = Wres - grid_lib.dequantize(codes, grid, spec)
+  rec = srr_lib.truncated(_mm(S, E), S_inv, rank)
   both = srr_lib.concat(pres, rec)  # (d_in, 2r): keep columns i < k of the first, i < r − k of the second
   i = jnp.arange(rank)
   idx = jnp.where(i < k, i, rank + i - k)
   return lowrank.LowRank(both.L[:, idx], both.R[idx])
 
 
-@jax.jit
-def _rel_err(W, Q, L, R, H):
-  E = W - Q - jnp.matmul(L, R, precision=HIGHEST)
+def _mm(a, b):
+  return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _rel_err(W, Q, lr, H):
+  E = W - Q - _mm(lr.L, lr.R)
   return lowrank.objective(E, H) / jnp.maximum(lowrank.objective(W, H), jnp.finfo(W.dtype).tiny)
 
 
@@ -266,10 +299,9 @@ def _rel_err(W, Q, L, R, H):
 def _factor_with_escalation(H, damp: float, cfg: LayerConfig):
   """Damped sweep Hessian and its factor; damping × 10 (logged) while the factor is not finite, then fail."""
   for attempt in range(_MAX_ESCALATIONS + 1):
-    Hd, lam, aux = _sweep_hessian(H, damp, cfg)
-    T, perm, ok = _factor(Hd, cfg.act_order, cfg.factor)
+    aux, T, perm, ok = _factor(H, damp, cfg.rank if cfg.method == "gilora" else None, cfg.act_order, cfg.factor)
     if bool(ok):
-      return Hd, lam, aux, T, perm, damp
+      return aux, T, perm, damp
     if attempt < _MAX_ESCALATIONS:
       log.warning("Hessian is not positive definite after damping %.3g (%s factor); retrying with damp=%.3g.",
                   damp, cfg.factor, damp * 10)
@@ -281,10 +313,11 @@ def _factor_with_escalation(H, damp: float, cfg: LayerConfig):
 
 
 def _gptq_stage(W, Wz, H, damp, cfg: LayerConfig):
-  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, λ-damped H, λ, aux, damp used."""
-  Hd, lam, aux, T, perm, damp = _factor_with_escalation(H, damp, cfg)
-  codes, grid = _gptq(Wz, T, perm, W, cfg)
-  return codes, grid, lam, aux, damp
+  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, gilora's parts, damp used."""
+  aux, T, perm, damp = _factor_with_escalation(H, damp, cfg)
+  lazy = cfg.group_size is not None and not (cfg.act_order or cfg.static_groups)
+  codes, grid = _gptq(Wz, T, perm, W, cfg.spec, lazy, cfg.block_size)
+  return codes, grid, aux, damp
 
 
 def quantize_layer(
@@ -341,81 +374,55 @@ def quantize_layer(
   cfg = LayerConfig(method=method, bits=bits, rank=int(rank), group_size=group_size, symmetric=symmetric,
                     loops=int(loops), act_order=act_order, **options)
   t0 = time.perf_counter()
-  W = jnp.asarray(W)
-  dtype = jnp.promote_types(W.dtype, jnp.float32)
-  W = W.astype(dtype)
-  H = jnp.asarray(H).astype(dtype)
-  _validate(W, H, cfg, damp)
+  W_np, H_np = np.asarray(W), np.asarray(H)
+  _validate(W_np, H_np, cfg, damp)
+  dtype = jnp.promote_types(jnp.asarray(W_np[:0, :0]).dtype, jnp.float32)  # float32, or float64 under x64
+  W, H = jnp.asarray(W_np, dtype), jnp.asarray(H_np, dtype)
   r = cfg.effective_rank
-  d_in, d_out = W.shape
-  empty = lowrank.LowRank(jnp.zeros((d_in, 0), dtype), jnp.zeros((0, d_out), dtype))
-  Hf, Wz, _ = _prepare(W, H)
+  spec = cfg.spec
+  Hf, Wz, _, mean_diag = _prepare(W, H)
+  mean_diag = float(mean_diag)
   info: dict[str, Any] = {"method": method, "bits": bits, "rank": r, "group_size": group_size}
 
   ih = None
   srr_k = None
   if cfg.method == "rtn":
-    codes, grid = _rtn(W, cfg)
-    lam = hessian.damping(Hf, damp)
-    lr = empty
+    codes, grid = _rtn(W, spec)
   elif cfg.method == "srr":
-    lam = hessian.damping(Hf, damp)
     k_fixed = -1 if cfg.srr_k is None else cfg.srr_k
-    S, S_inv, k, pres = _srr_preserve(Wz, Hf, lam, jax.random.key(seed), k_fixed, r, cfg.srr_scaling)
-    Wres = Wz - jnp.matmul(pres.L, pres.R, precision=HIGHEST)
+    S, S_inv, k, pres, Wres = _srr_preserve(Wz, Hf, damp * mean_diag, jax.random.key(seed), k_fixed, r,
+                                            cfg.srr_scaling)
     if cfg.srr_quantizer == "rtn":
-      codes, grid = _rtn(Wres, cfg)
+      codes, grid = _rtn(Wres, spec)
     else:
-      codes, grid, lam, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"))
-    Q = _dequantize(codes, grid, cfg.spec)
-    lr = _srr_reconstruct(Wres - Q, S, S_inv, pres, k, r)
+      codes, grid, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"))
     srr_k = int(k)
   else:
-    codes, grid, lam, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg)
-    lr = empty
-  Q = _dequantize(codes, grid, cfg.spec)
-  diag = cfg.diagnostics
-  if diag:
-    info["rel_err_quantized"] = float(_rel_err(W, Q, empty.L, empty.R, H))
+    codes, grid, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg)
 
-  Hd = Hf + hessian.damping(Hf, damp) * jnp.eye(d_in, dtype=dtype)
-  if cfg.method == "gptq+lorc":
-    lr = _lorc(Wz - Q, r)
-  elif cfg.method == "gptq+olrc":
-    lr, _ = _olrc(Wz - Q, Hd, r)
-  elif cfg.method == "gilora":
-    lr = lowrank.LowRank(ih.V, _ridge(ih, Wz - Q))
+  Q, lr, Hd, stats = _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec, "rtn" if cfg.method == "srr" else
+                                 cfg.method, r, cfg.diagnostics)
+  if cfg.method == "srr":
+    lr = _srr_reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec, r)
   refine = cfg.loops > 0 or (cfg.method == "gilora" and cfg.final_olrc)
   objective = []
-  if diag:
-    info["rel_err_method"] = float(_rel_err(W, Q, lr.L, lr.R, H))
-    if refine:
-      objective.append(float(_objective(Wz, Q, lr.L, lr.R, Hd)))
+  if cfg.diagnostics:
+    info["rel_err_quantized"] = float(stats["rel_err_quantized"])
+    info["rel_err_method"] = float(_final_rel_err(W, Q, lr, H)) if cfg.method == "srr" else float(
+        stats["rel_err_method"])
   if refine:
-    for _ in range(cfg.loops):
-      lr, _ = _olrc(Wz - Q, Hd, r)
-      if diag:
-        objective.append(float(_objective(Wz, Q, lr.L, lr.R, Hd)))
-      codes, R = _bidup_step(Wz, codes, grid, lr.L, lr.R, Hd, cfg)
-      lr = lowrank.LowRank(lr.L, R)
-      Q = _dequantize(codes, grid, cfg.spec)
-      if diag:
-        objective.append(float(_objective(Wz, Q, lr.L, lr.R, Hd)))
-    lr, _ = _olrc(Wz - Q, Hd, r)
-    if diag:
-      objective.append(float(_objective(Wz, Q, lr.L, lr.R, Hd)))
+    Q0, lr0 = Q, lr
+    codes, Q, lr, trace = _refine(Wz, codes, grid, Hd, spec, r, cfg.loops, cfg.bidup_order, cfg.bidup_deflated,
+                                  cfg.block_size)
+    if cfg.diagnostics:  # the damped objective before refinement, then after every exact block step
+      start = float(stats["objective"]) if cfg.method != "srr" else float(_objective(Wz, Q0, lr0, Hd))
+      objective = [start] + [float(v) for v in trace]
 
-  lam = hessian.damping(Hf, damp)
-  info.update(damp=float(damp), lam=float(lam), srr_k=srr_k)
-  if diag:
-    eigs = jnp.linalg.eigvalsh(Hf)
-    tr_whw = float(lowrank.objective(W, H))
-    info.update(
-        rel_err=float(_rel_err(W, Q, lr.L, lr.R, H)),
-        objective=objective,
-        upper_bound=float(bounds_lib.upper_bound(eigs, grid.scales, r, lam)) / tr_whw,
-        lower_estimate=float(bounds_lib.lower_estimate(eigs, W, bits, r)) / tr_whw,
-    )
+  lam = damp * mean_diag
+  info.update(damp=float(damp), lam=lam, srr_k=srr_k)
+  if cfg.diagnostics:
+    info.update({k: float(v) for k, v in _report(W, H, Hf, Q, lr, grid.scales, lam, bits, r).items()})
+    info["objective"] = objective
   jax.block_until_ready((Q, lr, codes))
   info["seconds"] = time.perf_counter() - t0
   return LayerResult(Q, lr.L, lr.R, codes, grid.scales, grid.zeros, info)

@@ -81,6 +81,13 @@ def _obs_rows(Wt_g: jax.Array, W0_g: jax.Array, T_gg: jax.Array) -> jax.Array:
   return W0_g + jax.scipy.linalg.solve_triangular(T_gg, Y, trans="T", lower=False)
 
 
+def _fit_group(Wt_g, W0_g, T_gg, spec: QuantGrid):
+  """Grid of a group from its OBS-current rows; returns (scale, zero, first row as fitted)."""
+  rows = _obs_rows(Wt_g, W0_g, T_gg)
+  scale, zero = grid_lib.fit_columns(rows, spec)
+  return scale, zero, rows[0]
+
+
 def gptq(
     W: jax.Array,
     T: jax.Array,
@@ -154,24 +161,27 @@ def gptq(
       Mb = lax.dynamic_slice(M_seg, (i1, i1), (B, B))
       Tb = lax.dynamic_slice(T_seg, (i1, i1), (B, B))
       if lazy and g > B:  # a group spanning several blocks is fitted when its first block starts
-        fit = lambda: grid_lib.fit_columns(_obs_rows(  # pylint: disable=g-long-lambda
+        cur = lax.cond((a + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
             lax.dynamic_slice_in_dim(Wt_seg, i1, g), lax.dynamic_slice_in_dim(W0_seg, i1, g),
-            lax.dynamic_slice(T_seg, (i1, i1), (g, g))), spec)
-        cur = lax.cond((a + i1) % g == 0, fit, lambda: cur)
+            lax.dynamic_slice(T_seg, (i1, i1), (g, g)), spec), lambda: cur)
 
       def row(carry, j):
         Wb, cur = carry
+        w = Wb[j]
         if lazy and g <= B:  # a group inside this block is fitted when its first row is reached
-          fit = lambda: grid_lib.fit_columns(_obs_rows(  # pylint: disable=g-long-lambda
+          cur = lax.cond(j % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
               lax.dynamic_slice_in_dim(Wb, j, g), lax.dynamic_slice_in_dim(W0b, j, g),
-              lax.dynamic_slice(Tb, (j, j), (g, g))), spec)
-          cur = lax.cond(j % g == 0, fit, lambda: cur)
+              lax.dynamic_slice(Tb, (j, j), (g, g)), spec), lambda: cur)
         if lazy:
-          scale, zero = cur
+          scale, zero, first = cur
+          # The group's first row is rounded as the very values its grid was fitted on (they equal w̃ up to
+          # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
+          starts = (j % g == 0) if g <= B else ((j == 0) & ((a + i1) % g == 0))
+          w = jnp.where(starts, first, w)
         else:
           k = row_group[a + i1 + j]
           scale, zero = grid.scales[k], grid.zeros[k]
-        c = grid_lib.quantize_rows(Wb[j], scale, zero, maxq)
+        c = grid_lib.quantize_rows(w, scale, zero, maxq)
         D = W0b[j] - grid_lib.dequantize_rows(c, scale, zero)
         Wb = Wb + Mb[j][:, None] * D[None, :]  # Mb[j, :j+1] == 0: only later rows of the block move
         return (Wb, cur), (c, D, scale, zero)
@@ -183,7 +193,7 @@ def gptq(
       Wt_seg = Wt_seg + jnp.matmul(M_rows.T, D, precision=HIGHEST)
       return (Wt_seg, cur), (c, D, scale, zero)
 
-    (_, _), (c, D, scale, zero) = lax.scan(block, (Wt[a:b], (ones, ones)), jnp.arange(0, b - a, B))
+    (_, _), (c, D, scale, zero) = lax.scan(block, (Wt[a:b], (ones, ones, ones)), jnp.arange(0, b - a, B))
     D = D.reshape(b - a, d_out)
     if b < n:  # rows after the segment receive its residuals in one matmul
       Wt = Wt.at[b:].add(jnp.matmul(M[a:b, b:].T, D, precision=HIGHEST))

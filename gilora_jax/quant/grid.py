@@ -128,7 +128,7 @@ def fit_columns(Wg: jax.Array, spec: QuantGrid) -> tuple[jax.Array, jax.Array]:
   def candidate(best, i):
     p = 1.0 - i / _MSE_GRID
     scale, zero = _minmax_params(p * xmin, p * xmax, spec, 1.0)
-    q = dequantize_rows(quantize_rows(Wg, scale, zero, spec.maxq), scale, zero)
+    q = dequantize_rows(quantize_rows(Wg, scale[None], zero[None], spec.maxq), scale[None], zero[None])
     err = jnp.sum(jnp.abs(q - Wg) ** _MSE_NORM, axis=0)
     better = err < best[0]
     return (jnp.where(better, err, best[0]), jnp.where(better, scale, best[1]), jnp.where(better, zero, best[2])), None

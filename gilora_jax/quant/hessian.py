@@ -114,7 +114,7 @@ def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
     e, V = jnp.linalg.eigh(Hd)
     floor = jnp.finfo(Hd.dtype).eps * 1e1 * jnp.max(e) if Hd.dtype == jnp.float64 else 1e-7 * jnp.max(e)
     e = jnp.maximum(e, floor)
-    M = jnp.matmul(V * jnp.sqrt(e), V.T, precision=HIGHEST)
+    M = jnp.matmul(V * jnp.sqrt(e)[None, :], V.T, precision=HIGHEST)
     _, G = jnp.linalg.qr(M[::-1, ::-1])
     G = G * jnp.sign(jnp.diagonal(G))[:, None]  # positive diagonal makes the factor unique
     return G.T[::-1, ::-1]

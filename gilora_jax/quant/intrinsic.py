@@ -64,7 +64,7 @@ def deflate(H: jax.Array, rank: int, damp: float | jax.Array) -> IntrinsicHessia
   sig2, V = hessian.top_eigh(H, rank)
   sig2 = jnp.maximum(sig2, 0.0)
   lam = damp * (jnp.trace(H) + jnp.sum(sig2)) / (N + rank)
-  S = H + lam * jnp.eye(N, dtype=H.dtype) - jnp.matmul(V * (sig2**2 / (sig2 + lam)), V.T, precision=HIGHEST)
+  S = H + lam * jnp.eye(N, dtype=H.dtype) - jnp.matmul(V * (sig2**2 / (sig2 + lam))[None, :], V.T, precision=HIGHEST)
   return IntrinsicHessian(0.5 * (S + S.T), V, sig2 / (sig2 + lam), lam)
 
 

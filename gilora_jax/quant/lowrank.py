@@ -88,7 +88,7 @@ def olrc(E: jax.Array, Hd: jax.Array, rank: int, *, T: jax.Array | None = None) 
 def lorc(E: jax.Array, rank: int) -> LowRank:
   """Unweighted low-rank compensation (ZeroQuant-V2 LoRC): the rank-r truncated SVD of E."""
   U, s, Vt = jnp.linalg.svd(E, full_matrices=False)
-  return LowRank(U[:, :rank] * s[:rank], Vt[:rank])
+  return LowRank(U[:, :rank] * s[None, :rank], Vt[:rank])
 
 
 def objective(E: jax.Array, Hd: jax.Array) -> jax.Array:

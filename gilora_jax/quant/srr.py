@@ -55,14 +55,14 @@ def scaling(H: jax.Array, kind: str, lam: float | jax.Array) -> tuple[jax.Array,
   if kind == "exact":
     e, V = jnp.linalg.eigh(0.5 * (H + H.T) + lam * eye)
     e = jnp.maximum(e, lam)
-    return _mm(V * jnp.sqrt(e), V.T), _mm(V / jnp.sqrt(e), V.T)
+    return _mm(V * jnp.sqrt(e)[None, :], V.T), _mm(V / jnp.sqrt(e)[None, :], V.T)
   raise ValueError(f"SRR scaling {kind!r} is unknown; use one of {SCALINGS}.")
 
 
 def truncated(A: jax.Array, S_inv: jax.Array, p: int) -> LowRank:
   """``S⁻¹ SVD_p(A)`` as factors: ``L = S⁻¹ U_p Σ_p``, ``R = V_pᵀ``."""
   U, s, Vt = jnp.linalg.svd(A, full_matrices=False)
-  return LowRank(_mm(S_inv, U[:, :p] * s[:p]), Vt[:p])
+  return LowRank(_mm(S_inv, U[:, :p] * s[None, :p]), Vt[:p])
 
 
 def tail_fractions(s: jax.Array, r: int) -> jax.Array:

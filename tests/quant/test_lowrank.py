@@ -1,0 +1,73 @@
+"""OLrC reaches the Eckart–Young optimum of the whitened residual; LoRC is the plain truncated SVD."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gilora_jax.quant import lowrank
+from tests.quant import problems
+
+
+def _eckart_young(E, Hd, r):
+  """Independent reference: SVD of Hd^{1/2} E via a float64 eigendecomposition."""
+  e, V = np.linalg.eigh(Hd)
+  s = np.linalg.svd((V * np.sqrt(e)) @ V.T @ E, compute_uv=False)
+  return np.sum(s[r:] ** 2)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("d_in, d_out", [(64, 40), (40, 64)])  # output-side and input-side routes
+@pytest.mark.parametrize("r", [0, 1, 8, 40])
+def test_olrc_reaches_eckart_young(d_in, d_out, r):
+  _, _, H = problems.layer(d_in=d_in, d_out=d_out, n=300, decay=10)
+  E = np.random.default_rng(1).standard_normal((d_in, d_out))
+  Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(d_in)
+  (L, R), opt = lowrank.olrc(jnp.asarray(E), jnp.asarray(Hd), r)
+  assert L.shape == (d_in, r) and R.shape == (r, d_out)
+  ref = _eckart_young(E, Hd, r)
+  achieved = problems.out_err(E, np.asarray(L) @ np.asarray(R), Hd)
+  scale = problems.out_err(E, 0 * E, Hd)
+  assert abs(achieved - ref) <= 1e-9 * scale
+  assert abs(float(opt) - ref) <= 1e-9 * scale
+
+
+@pytest.mark.usefixtures("x64")
+def test_input_side_route_matches_explicit_whitened_svd():
+  """d_out > d_in takes the input-side route (factor T, SVD of TᵀE); compare the product with a direct one."""
+  _, _, H = problems.layer(d_in=40, n=300, decay=8)
+  E = np.random.default_rng(2).standard_normal((40, 64))
+  Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(40)
+  (L, R), _ = lowrank.olrc(jnp.asarray(E), jnp.asarray(Hd), 5)
+  e, V = np.linalg.eigh(Hd)
+  A = (V * np.sqrt(e)) @ V.T  # Hd^{1/2}
+  U, s, Vt = np.linalg.svd(A @ E, full_matrices=False)
+  ref = np.linalg.solve(A, (U[:, :5] * s[:5]) @ Vt[:5])
+  np.testing.assert_allclose(np.asarray(L @ R), ref, rtol=1e-7, atol=1e-9)
+
+
+def test_error_non_increasing_in_rank_and_full_rank_exact(rng):
+  _, _, H = problems.layer(d_in=32, d_out=24, n=200)
+  E = rng.standard_normal((32, 24)).astype(np.float32)
+  Hd = jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(32), jnp.float32)
+  errs = []
+  for r in range(0, 25, 4):
+    (L, R), _ = lowrank.olrc(jnp.asarray(E), Hd, r)
+    errs.append(problems.out_err(E, np.asarray(L @ R), np.asarray(Hd, np.float64)))
+  assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:]))
+  assert errs[-1] <= 1e-6 * errs[0]  # rank = min(d_in, d_out) reproduces the residual
+
+
+def test_lorc_is_truncated_svd(rng):
+  E = rng.standard_normal((20, 12)).astype(np.float32)
+  L, R = lowrank.lorc(jnp.asarray(E), 4)
+  U, s, Vt = np.linalg.svd(E.astype(np.float64), full_matrices=False)
+  np.testing.assert_allclose(np.asarray(L @ R), (U[:, :4] * s[:4]) @ Vt[:4], atol=1e-5)
+
+
+def test_olrc_beats_lorc_in_output_error():
+  W, _, H = problems.layer(d_in=64, d_out=48, n=500, decay=6, outliers=2)
+  E = np.random.default_rng(3).standard_normal((64, 48)).astype(np.float32)
+  Hd = jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(64), jnp.float32)
+  (L, R), _ = lowrank.olrc(jnp.asarray(E), Hd, 8)
+  L2, R2 = lowrank.lorc(jnp.asarray(E), 8)
+  assert problems.out_err(E, np.asarray(L @ R), H) < problems.out_err(E, np.asarray(L2 @ R2), H)
+  del W
