@@ -125,7 +125,7 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
   cfg.spec.validate(d_in)
   if not isinstance(cfg.rank, (int, np.integer)) or cfg.rank < 0:
     raise ValueError(f"rank={cfg.rank!r} must be a non-negative integer.")
-  if cfg.rank > min(d_in, d_out):
+  if cfg.effective_rank > min(d_in, d_out):
     raise ValueError(f"rank={cfg.rank} exceeds min(d_in, d_out)={min(d_in, d_out)} for a {d_in}×{d_out} layer; "
                      f"use rank ≤ {min(d_in, d_out)}.")
   if not isinstance(cfg.loops, (int, np.integer)) or cfg.loops < 0:
@@ -387,7 +387,7 @@ def quantize_layer(
   ih = None
   srr_k = None
   if cfg.method == "rtn":
-    codes, grid = _rtn(W, spec)
+    codes, grid = _rtn(Wz, spec)
   elif cfg.method == "srr":
     k_fixed = -1 if cfg.srr_k is None else cfg.srr_k
     S, S_inv, k, pres, Wres = _srr_preserve(Wz, Hf, damp * mean_diag, jax.random.key(seed), k_fixed, r,

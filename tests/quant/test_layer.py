@@ -1,0 +1,92 @@
+"""quantize_layer's contract: bad input gets a ValueError that names the fix; damping escalates, then fails."""
+import logging
+
+import numpy as np
+import pytest
+
+import gilora_jax as gj
+from tests.quant import problems
+
+
+@pytest.fixture(scope="module")
+def layer():
+  W, _, H = problems.layer(seed=0, d_in=32, d_out=16, n=200)
+  return W.astype(np.float32), H.astype(np.float32)
+
+
+def _with(a, idx, value):
+  a = a.copy()
+  a[idx] = value
+  return a
+
+
+@pytest.mark.parametrize("mutate, kwargs, match", [
+    (lambda W, H: (_with(W, (0, 0), np.nan), H), {}, "W contains 1 NaN/Inf"),
+    (lambda W, H: (W, _with(H, (1, 2), np.inf)), {}, "H contains 1 NaN/Inf"),
+    (lambda W, H: (W, H[:8]), {}, "square"),
+    (lambda W, H: (W[:20], H), {}, "d_in=20"),
+    (lambda W, H: (W, H[:20, :20]), {}, "H is 20×20 but W has d_in=32"),
+    (lambda W, H: (W.T, H), {}, "pass the \\(d_in, d_out\\) kernel"),
+    (lambda W, H: (W[0], H), {}, "2-D"),
+    (lambda W, H: (W, _with(H, (0, 1), 1e6)), {}, "not symmetric"),
+    (lambda W, H: (W, H), {"rank": 17}, "rank=17 exceeds min\\(d_in, d_out\\)=16"),
+    (lambda W, H: (W, H), {"group_size": 5}, "group_size=5 does not divide d_in=32"),
+    (lambda W, H: (W, H), {"bits": 1}, "outside 2..8"),
+    (lambda W, H: (W, H), {"bits": 9}, "outside 2..8"),
+    (lambda W, H: (W, H), {"damp": 0.0}, "damp"),
+    (lambda W, H: (W, H), {"method": "awq"}, "method='awq' is unknown"),
+    (lambda W, H: (W, H), {"method": "srr", "srr_k": 40}, "srr_k=40"),
+    (lambda W, H: (W, H), {"loops": -1}, "loops"),
+])
+def test_bad_input_names_the_fix(layer, mutate, kwargs, match):
+  W, H = mutate(*layer)
+  with pytest.raises(ValueError, match=match):
+    gj.quantize_layer(W, H, **{"method": "gilora", "bits": 3, "rank": 4, **kwargs})
+
+
+def test_unknown_option_is_a_type_error(layer):
+  with pytest.raises(TypeError, match="unknown option"):
+    gj.quantize_layer(*layer, method="gptq", bits=3, blocksize=64)
+
+
+def test_rank_deficient_hessian_is_handled(caplog):
+  """Fewer tokens than features: H is singular; damping makes it PD, results are finite."""
+  W, _, H = problems.layer(seed=1, d_in=64, d_out=16, n=20)
+  with caplog.at_level(logging.WARNING):
+    res = gj.quantize_layer(W, H, method="gilora", bits=3, rank=4)
+  assert np.isfinite(res.info["rel_err"]) and np.all(np.isfinite(np.asarray(res.Q)))
+
+
+def test_indefinite_hessian_escalates_then_succeeds(layer, caplog):
+  W, H = layer
+  H = H.copy()
+  v = np.zeros(32, np.float32)
+  v[:2] = 1.0
+  H -= 3.0 * np.mean(np.diag(H)) * np.outer(v, v) / 2  # an eigenvalue ≈ −2 × mean diag, diagonal stays ≥ 0
+  H[0, 0] = H[1, 1] = np.mean(np.diag(H))
+  with caplog.at_level(logging.WARNING, logger="gilora_jax.layer"):
+    res = gj.quantize_layer(W, H, method="gptq", bits=3)
+  assert any("not positive definite" in r.getMessage() for r in caplog.records)
+  assert res.info["damp"] > 0.01
+  assert np.all(np.isfinite(np.asarray(res.Q)))
+
+
+def test_hopelessly_indefinite_hessian_fails_loudly(layer):
+  W, _ = layer
+  H = np.eye(32, dtype=np.float32)
+  H[0, 1] = H[1, 0] = 1e4  # eigenvalue ≈ −1e4 ≫ 100 × mean diag
+  with pytest.raises(ValueError, match="not positive definite even with damp"):
+    gj.quantize_layer(W, H, method="gptq", bits=3)
+
+
+def test_numpy_float64_and_jax_inputs_agree(layer):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  W, H = layer
+  a = gj.quantize_layer(W.astype(np.float64), H.astype(np.float64), method="gptq", bits=4)
+  b = gj.quantize_layer(jnp.asarray(W), jnp.asarray(H), method="gptq", bits=4)
+  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+
+
+def test_rtn_and_gptq_ignore_rank(layer):
+  res = gj.quantize_layer(*layer, method="gptq", bits=3, rank=8)
+  assert res.L.shape == (32, 0) and res.R.shape == (0, 16)
