@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-TORCH_REASON = "PyTorch CPU is the reference implementation for parity tests (pip install -e .[test])"
+TORCH_REASON = "PyTorch CPU is the reference for the parity tests (pip install -e .[test])"
 
 
 def _perturb(pt_model, seed: int):
@@ -44,10 +44,14 @@ DEIT_VARIANTS = ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassific
 
 
 @pytest.fixture(scope="session")
-def hf_qwen3(tmp_path_factory):
+def torch():
+  """The torch module; tests that take this fixture skip (with the reason) where torch is not installed."""
+  return pytest.importorskip("torch", reason=TORCH_REASON)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(tmp_path_factory, torch):  # pylint: disable=redefined-outer-name
   """variant name -> (torch model in eval mode, folder it was saved to with save_pretrained)."""
-  pytest.importorskip("torch", reason=TORCH_REASON)
-  import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen3ForCausalLM  # pylint: disable=import-outside-toplevel
   cache = {}
 
@@ -63,10 +67,8 @@ def hf_qwen3(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf_deit(tmp_path_factory):
+def hf_deit(tmp_path_factory, torch):  # pylint: disable=redefined-outer-name
   """architecture name -> (torch model in eval mode, folder saved with save_pretrained)."""
-  pytest.importorskip("torch", reason=TORCH_REASON)
-  import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   cache = {}
 

@@ -10,8 +10,6 @@ from safetensors.numpy import load_file, save_file
 
 from gilora_jax.models import convert, deit, load_model, qwen3
 
-TORCH_REASON = "PyTorch CPU is the reference for parity tests (pip install -e .[test])"
-
 
 @pytest.fixture
 def tiny_qwen3(random_model):
@@ -148,8 +146,7 @@ def test_a_quantized_or_foreign_variable_cannot_be_saved_as_hf(tmp_path, tiny_qw
 
 
 @pytest.mark.parametrize("variant", ["gqa_tied", "mha_untied_bias"])
-def test_transformers_loads_our_qwen3_folder_bit_exactly(hf_qwen3, variant, tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+def test_transformers_loads_our_qwen3_folder_bit_exactly(hf_qwen3, torch, variant, tmp_path):
   from transformers import Qwen3ForCausalLM  # pylint: disable=import-outside-toplevel
   pt, folder = hf_qwen3(variant)
   convert.save_hf(load_model(folder), tmp_path)
@@ -164,8 +161,7 @@ def test_transformers_loads_our_qwen3_folder_bit_exactly(hf_qwen3, variant, tmp_
 
 
 @pytest.mark.parametrize("arch", ["DeiTForImageClassificationWithTeacher", "ViTForImageClassification"])
-def test_transformers_loads_our_deit_folder_bit_exactly(hf_deit, arch, tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+def test_transformers_loads_our_deit_folder_bit_exactly(hf_deit, torch, arch, tmp_path):
   import transformers  # pylint: disable=import-outside-toplevel
   pt, folder = hf_deit(arch)
   convert.save_hf(load_model(folder), tmp_path, extra_config={"id2label": pt.config.id2label})
@@ -177,8 +173,7 @@ def test_transformers_loads_our_deit_folder_bit_exactly(hf_deit, arch, tmp_path)
     assert torch.equal(pt(x).logits, back(x).logits)
 
 
-def test_a_bfloat16_checkpoint_loads_exactly_into_float32(hf_qwen3, tmp_path):
-  torch = pytest.importorskip("torch", reason=TORCH_REASON)
+def test_a_bfloat16_checkpoint_loads_exactly_into_float32(hf_qwen3, torch, tmp_path):
   pt, _ = hf_qwen3("gqa_tied")
   bf16 = type(pt)(pt.config).to(torch.bfloat16)
   bf16.load_state_dict(pt.state_dict())

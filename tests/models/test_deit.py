@@ -10,8 +10,6 @@ from flax import nnx
 
 from gilora_jax.models import deit, load_model
 
-torch = pytest.importorskip("torch", reason="PyTorch CPU is the reference for parity tests (pip install -e .[test])")
-
 ARCHS = ["DeiTForImageClassificationWithTeacher", "DeiTForImageClassification", "ViTForImageClassification"]
 
 # Our HF-checkpoint paths -> transformers 5.x in-memory module names (renamed there; checkpoints kept the old keys).
@@ -27,7 +25,7 @@ def _max_abs(a, b) -> float:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_submodules_and_logits_match_transformers(hf_deit, capture, arch, rng):
+def test_submodules_and_logits_match_transformers(hf_deit, capture, torch, arch, rng):
   pt, folder = hf_deit(arch)
   model = load_model(folder)
   assert model.config.architecture == arch and model.config.layer_norm_eps == 1e-6
@@ -86,7 +84,7 @@ def test_presets_have_the_paper_parameter_counts(preset, distilled, millions):
   assert abs(n - millions) / millions < 0.015, n
 
 
-def _torch_reference_preprocess(img_u8, cfg):
+def _torch_reference_preprocess(torch, img_u8, cfg):  # pylint: disable=redefined-outer-name
   """What transformers' torchvision backend does: antialiased bicubic on uint8, crop, rescale, normalize."""
   t = torch.tensor(img_u8).permute(2, 0, 1)[None].float()
   size = (cfg["size"]["height"], cfg["size"]["width"])
@@ -99,14 +97,14 @@ def _torch_reference_preprocess(img_u8, cfg):
   return ((t - mean) / std).numpy()
 
 
-def test_preprocess_follows_the_deit_image_processor_recipe(rng, tmp_path):
+def test_preprocess_follows_the_deit_image_processor_recipe(torch, rng, tmp_path):
   cfg = {"do_resize": True, "size": {"height": 40, "width": 40}, "resample": 3, "do_center_crop": True,
          "crop_size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
          "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
   images = [rng.integers(0, 256, (57, 71, 3), dtype=np.uint8), rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)]
   pixels = deit.preprocess(images, cfg)
   assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == np.float32
-  ref = np.concatenate([_torch_reference_preprocess(img, cfg) for img in images])
+  ref = np.concatenate([_torch_reference_preprocess(torch, img, cfg) for img in images])
   # jax.image.resize and torch's antialiased bicubic agree to ~1e-4 grey levels; rounding to uint8 can then flip
   # a pixel by one level where the value sits at .5.
   one_level = 1 / 255 / min(cfg["image_std"])
