@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from gilora_jax.models import deit, qwen3
+from gilora_jax.models import deit, hf_config, qwen3
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -152,18 +152,6 @@ def local_folder(path: str | os.PathLike) -> str:
       f"fetch the checkpoint yourself (e.g. `hf download <repo_id> --local-dir DIR`) and pass that local folder.")
 
 
-def read_hf_config(folder: str) -> dict[str, Any]:
-  """Parsed `folder/config.json`, with errors that name the file."""
-  path = os.path.join(folder, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing: a HF model folder needs config.json beside its weights.")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from e
-
-
 def architecture_of(hf_config: dict[str, Any], where: str) -> str:
   """The single supported entry of config.json "architectures", or a ValueError listing the supported ones."""
   found = [a for a in hf_config.get("architectures") or () if a in ARCHITECTURES]
@@ -235,9 +223,9 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
   Raises `CheckpointMismatchError` listing every unmapped, missing and wrong-shaped tensor at once.
   """
   folder = local_folder(path)
-  hf_config = read_hf_config(folder)
-  arch = ARCHITECTURES[architecture_of(hf_config, os.path.join(folder, "config.json"))]
-  cfg = arch.config_cls.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype)
+  config, where = hf_config.read_config(folder)
+  arch = ARCHITECTURES[architecture_of(config, where)]
+  cfg = arch.config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
   return load_state(arch, cfg, _safetensors_files(folder))
 
 

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gilora_jax.models import hf_config
+
 ARCHITECTURES = ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassification", "ViTForImageClassification")
 
 # Which linears (paths relative to an EncoderLayer, HF checkpoint names) read which tapped input.
@@ -78,9 +80,7 @@ class ModelConfig:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
     if self.num_labels < 1:
       raise ValueError(f"num_labels must be positive, got {self.num_labels}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
+    hf_config.check_dtypes(self)
 
   @property
   def distillation_token(self) -> bool:
@@ -117,17 +117,7 @@ class ModelConfig:
   def from_hf_config(cls, path_or_dict: str | os.PathLike | dict[str, Any], *, dtype: str = "float32",
                      param_dtype: str | None = None) -> ModelConfig:
     """Reads a HF DeiT/ViT `config.json` (a folder, the file itself, or the parsed dict)."""
-    if isinstance(path_or_dict, dict):
-      hf, where = path_or_dict, "the given config dict"
-    else:
-      where = os.path.join(path_or_dict, "config.json") if os.path.isdir(path_or_dict) else os.fspath(path_or_dict)
-      try:
-        with open(where, encoding="utf-8") as f:
-          hf = json.load(f)
-      except FileNotFoundError as e:
-        raise FileNotFoundError(f"{where} not found: pass a local HF model folder that holds config.json.") from e
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON ({e}); restore the file from the original checkpoint.") from e
+    hf, where = hf_config.read_config(path_or_dict)
     archs = [a for a in hf.get("architectures") or () if a in ARCHITECTURES]
     if hf.get("model_type") not in ("deit", "vit") or not archs:
       raise ValueError(f"{where} is a {hf.get('model_type')!r} config with architectures {hf.get('architectures')};"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -34,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gilora_jax.models import hf_config
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 
@@ -78,9 +79,7 @@ class ModelConfig:
                        f"num_key_value_heads={self.num_key_value_heads}")
     if self.head_dim % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
+    hf_config.check_dtypes(self)
 
   @property
   def architecture(self) -> str:
@@ -125,7 +124,7 @@ class ModelConfig:
     Accepts both the transformers 4.x layout (top-level `rope_theta`) and the 5.x one (`rope_parameters`).
     `dtype`/`param_dtype` choose the JAX dtypes (default float32 for both, whatever the checkpoint stores).
     """
-    hf, where = _read_config(path_or_dict)
+    hf, where = hf_config.read_config(path_or_dict)
     if hf.get("model_type") != "qwen3":
       raise ValueError(f"{where} is a {hf.get('model_type')!r} config (architectures {hf.get('architectures')}), "
                        f"not a dense Qwen3 ('qwen3'); pass the folder of a Qwen3ForCausalLM checkpoint.")
@@ -167,20 +166,6 @@ class ModelConfig:
         "bos_token_id": self.bos_token_id, "eos_token_id": (list(eos) if len(eos) > 1 else eos[0]) if eos else None,
         "pad_token_id": self.pad_token_id, "dtype": self.param_dtype,
     }
-
-
-def _read_config(path_or_dict) -> tuple[dict[str, Any], str]:
-  """(config dict, a description of where it came from for error messages)."""
-  if isinstance(path_or_dict, dict):
-    return path_or_dict, "the given config dict"
-  path = os.path.join(path_or_dict, "config.json") if os.path.isdir(path_or_dict) else os.fspath(path_or_dict)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f), path
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{path} not found: pass a local HF model folder that holds config.json.") from e
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint.") from e
 
 
 def _bcast_last(v: jax.Array, ndim: int) -> jax.Array:
