@@ -152,12 +152,12 @@ def local_folder(path: str | os.PathLike) -> str:
       f"fetch the checkpoint yourself (e.g. `hf download <repo_id> --local-dir DIR`) and pass that local folder.")
 
 
-def architecture_of(hf_config: dict[str, Any], where: str) -> str:
-  """The single supported entry of config.json "architectures", or a ValueError listing the supported ones."""
-  found = [a for a in hf_config.get("architectures") or () if a in ARCHITECTURES]
+def architecture_of(config: dict[str, Any], where: str) -> str:
+  """The first supported entry of config.json "architectures", or a ValueError listing the supported ones."""
+  found = [a for a in config.get("architectures") or () if a in ARCHITECTURES]
   if not found:
-    raise ValueError(f"{where}: architectures {hf_config.get('architectures')} (model_type "
-                     f"{hf_config.get('model_type')!r}) is not supported; supported: {sorted(ARCHITECTURES)}.")
+    raise ValueError(f"{where}: architectures {config.get('architectures')} (model_type {config.get('model_type')!r}) "
+                     f"is not supported; supported: {sorted(ARCHITECTURES)}. Pass the folder of one of these.")
   return found[0]
 
 

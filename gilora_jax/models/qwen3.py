@@ -358,28 +358,42 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, 
                for _ in range(cfg.num_hidden_layers))
 
 
+def _pick(logits, finished, eos_ids, pad):
+  """Greedy token per row (B,), `pad` for rows already finished; a row finishes when it emits an EOS id."""
+  token = jnp.where(finished, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+  return token, finished | jnp.isin(token, eos_ids)
+
+
 @jax.jit
-def _prefill(model: Qwen3, input_ids, attention_mask, cache):
-  """Fills slots [0, T) from the (left-padded) prompt; returns (next-token logits (B, V), cache, key_valid, pos)."""
+def _prefill(model: Qwen3, input_ids, attention_mask, cache, eos_ids, pad):
+  """Fills slots [0, T) from the (left-padded) prompt and picks the first new token.
+
+  Returns (token (B,), finished (B,), cache, key_valid (B, S), position of the last prompt token (B,)).
+  """
   b, t = input_ids.shape
   s = cache[0].k.shape[1]
-  valid = attention_mask.astype(bool)
-  positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)  # as HF for left padding
-  key_valid = jnp.pad(valid, ((0, 0), (0, s - t)))  # (B, S): prompt slots that are real tokens
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)  # (B, T), as HF computes for left padding
+  key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, s - t)))  # (B, S): slots holding real tokens
   causal = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]  # (T, S)
-  mask = causal[None] & key_valid[:, None, :]
-  logits, cache = model.decode(input_ids, positions, mask, cache, 0)
-  return logits[:, -1], cache, key_valid, positions[:, -1]
+  logits, cache = model.decode(input_ids, positions, causal[None] & key_valid[:, None, :], cache, 0)
+  token, finished = _pick(logits[:, -1], jnp.zeros((b,), bool), eos_ids, pad)
+  return token, finished, cache, key_valid, positions[:, -1]
 
 
 @jax.jit
-def _decode_step(model: Qwen3, token, position, slot, key_valid, cache):
-  """One token per row at cache slot `slot` (traced, so this compiles once per cache shape)."""
+def _decode_step(model: Qwen3, token, finished, position, slot, key_valid, cache, eos_ids, pad):
+  """Feeds last step's token (B,) at cache slot `slot` and picks the next one.
+
+  `slot` is traced, so this compiles once per cache shape rather than once per token.
+  Returns (token, finished, position of the fed token, key_valid, cache).
+  """
   s = cache[0].k.shape[1]
+  position = position + 1
   key_valid = jax.lax.dynamic_update_slice(key_valid, jnp.ones((key_valid.shape[0], 1), bool), (0, slot))
   mask = ((jnp.arange(s) <= slot)[None, :] & key_valid)[:, None, :]  # (B, 1, S)
   logits, cache = model.decode(token[:, None], position[:, None], mask, cache, slot)
-  return logits[:, -1], cache, key_valid
+  token, finished = _pick(logits[:, -1], finished, eos_ids, pad)
+  return token, finished, position, key_valid, cache
 
 
 def greedy_generate(model: Qwen3, input_ids: jax.typing.ArrayLike, max_new_tokens: int, *,
@@ -389,7 +403,8 @@ def greedy_generate(model: Qwen3, input_ids: jax.typing.ArrayLike, max_new_token
 
   input_ids (B, T) int, left-padded when rows differ in length (then pass `attention_mask` (B, T), 1 = token).
   Stops after `max_new_tokens` or once every row has produced an EOS; rows that finished early are filled with
-  `pad_token_id` (default: the first EOS id), as transformers does. EOS ids default to `model.config`'s.
+  `pad_token_id` (default: the config's, else the first EOS id), as transformers does. EOS ids default to
+  `model.config`'s; pass `eos_token_id=()` to always generate `max_new_tokens`.
   Returns (B, T + n_new) int32 numpy: the prompt followed by the generated tokens.
   The prefill compiles once per prompt shape and the decode step once per cache shape (B, T + max_new_tokens).
   """
@@ -401,24 +416,20 @@ def greedy_generate(model: Qwen3, input_ids: jax.typing.ArrayLike, max_new_token
       (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
   pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None else (
       eos[0] if eos else 0)
-  eos_ids = jnp.asarray(eos, jnp.int32)
+  eos_ids, pad = jnp.asarray(eos, jnp.int32), jnp.int32(pad)
   if max_new_tokens <= 0:
     return np.asarray(input_ids)
 
   cache = init_cache(cfg, b, t + max_new_tokens)
-  logits, cache, key_valid, position = _prefill(model, input_ids, attention_mask, cache)
-  finished = jnp.zeros((b,), bool)
-  out = []
-  for i in range(max_new_tokens):
-    if i:
-      position = position + 1
-      logits, cache, key_valid = _decode_step(model, token, position, jnp.int32(t + i - 1), key_valid, cache)
-    token = jnp.where(finished, pad, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    out.append(token)
-    finished = finished | jnp.isin(token, eos_ids)
-    if eos and bool(finished.all()):
+  token, finished, cache, key_valid, position = _prefill(model, input_ids, attention_mask, cache, eos_ids, pad)
+  out = [token]
+  for slot in range(t, t + max_new_tokens - 1):
+    if eos and bool(finished.all()):  # one host sync per token, only when an EOS can end generation early
       break
-  return np.asarray(jnp.concatenate([input_ids, jnp.stack(out, axis=1)], axis=1))
+    token, finished, position, key_valid, cache = _decode_step(model, token, finished, position, jnp.int32(slot),
+                                                               key_valid, cache, eos_ids, pad)
+    out.append(token)
+  return np.concatenate([np.asarray(input_ids), np.stack([np.asarray(o) for o in out], axis=1)], axis=1)
 
 
 def generate(model: Qwen3, tokenizer, prompt: str, max_new_tokens: int) -> str:
