@@ -166,8 +166,8 @@ def _factor(H, damp, deflate_rank: int | None, act_order: bool, method: str):
   else:
     ih = None
     Hd = H + hessian.damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
-  perm = jnp.argsort(-jnp.diagonal(Hd), stable=True) if act_order else jnp.arange(Hd.shape[0])
-  T = hessian.factor(Hd[perm][:, perm], method)
+  perm = jnp.argsort(-jnp.diagonal(Hd), stable=True) if act_order else None
+  T = hessian.factor(Hd if perm is None else Hd[perm][:, perm], method)
   ok = jnp.all(jnp.isfinite(T)) & jnp.all(jnp.diagonal(T) > 0)
   return ih, T, perm, ok
 
@@ -181,6 +181,9 @@ def _gptq(W, T, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
     return codes, grid
   # As the reference: per-channel grids come from W as given, static group grids from W with dead rows zeroed.
   grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
+  if perm is None:
+    codes, _, _ = gptq_lib.gptq(W, T, spec, grid=grid, block_size=block_size)
+    return codes, grid
   row_group = grid_lib.contiguous_row_group(d_in, spec)[perm]
   codes_p, _, _ = gptq_lib.gptq(W[perm], T, spec, grid=grid, row_group=row_group, block_size=block_size)
   return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid

@@ -24,8 +24,8 @@ Group-wise grids are fitted *lazily*, when their first row a is reached, on the 
 updates of rows < a leave them (what the reference sees when group_size divides block_size; its
 block_size > group_size case, which fits later groups of a block on stale rows, is not reproduced: results
 here never depend on the block size). The inverse-free recurrence carries different partial sums than the
-reference's, so those rows are recovered exactly as ``w_g + T_ggᵀ⁻¹ diag(T_gg) (w̃_g − w_g)`` (a g×g
-triangular solve per group; derivation in ``_obs_rows``). Per-channel grids and act-order's static groups are
+reference's, so those rows are recovered exactly as ``w_g + T_ggᵀ⁻¹ diag(T_gg) (w̃_g − w_g)`` (one g×g
+matmul per group with maps formed before the sweep; derivation in ``_obs_maps``). Per-channel grids and act-order's static groups are
 fixed up front and passed in.
 
 Lingo:
@@ -40,6 +40,8 @@ References:
 """
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,22 +70,26 @@ def _segments(n_units: int, num_segments: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _obs_rows(Wt_g: jax.Array, W0_g: jax.Array, T_gg: jax.Array) -> jax.Array:
-  """Rows a..a+g as re-optimised by OBS after rows < a are fixed (the reference's in-sweep values).
+def _obs_maps(T: jax.Array, g: int) -> jax.Array:
+  """Per group k, ``P_k = T_ggᵀ⁻¹ diag(T_gg)`` (G, g, g): the map from carried to OBS-current group rows.
 
   With rows S = {< a} fixed at Q_S and residual D_S = W_S − Q_S, the optimal remaining rows R = {≥ a} are
   ``W_R + H_RR⁻¹ H_RS D_S``. For ``H = T Tᵀ`` (T upper) ``H_RR = T_RR T_RRᵀ`` and ``H_RS = T_RR T_SRᵀ``, so
   the update is ``T_RR⁻ᵀ T_SRᵀ D_S``; its first g rows need only the leading g×g block ``T_gg`` (a lower
   triangular ``T_RRᵀ`` has a lower-triangular inverse). The carried targets hold
-  ``w̃_g = W_g + diag(T_gg)⁻¹ T_Sgᵀ D_S``, hence ``T_Sgᵀ D_S = diag(T_gg)(w̃_g − W_g)``.
+  ``w̃_g = W_g + diag(T_gg)⁻¹ T_Sgᵀ D_S``, hence the group's OBS-current rows are
+  ``W_g + T_ggᵀ⁻¹ diag(T_gg) (w̃_g − W_g) = W_g + P_k (w̃_g − W_g)``. All P_k are formed once, before the
+  sweep (a batch of small triangular solves), so the sweep applies each with one matmul.
   """
-  Y = jnp.diagonal(T_gg)[:, None] * (Wt_g - W0_g)
-  return W0_g + jax.scipy.linalg.solve_triangular(T_gg, Y, trans="T", lower=False)
+  n = T.shape[0] // g
+  blocks = jnp.stack([T[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(n)])  # (G, g, g)
+  rhs = jnp.diagonal(blocks, axis1=1, axis2=2)[:, :, None] * jnp.eye(g, dtype=T.dtype)[None]
+  return jax.vmap(lambda Tk, Bk: jax.scipy.linalg.solve_triangular(Tk, Bk, trans="T", lower=False))(blocks, rhs)
 
 
-def _fit_group(Wt_g, W0_g, T_gg, spec: QuantGrid):
+def _fit_group(Wt_g, W0_g, P, spec: QuantGrid):
   """Grid of a group from its OBS-current rows; returns (scale, zero, first row as fitted)."""
-  rows = _obs_rows(Wt_g, W0_g, T_gg)
+  rows = W0_g + jnp.matmul(P, Wt_g - W0_g, precision=HIGHEST)
   scale, zero = grid_lib.fit_columns(rows, spec)
   return scale, zero, rows[0]
 
@@ -96,7 +102,8 @@ def gptq(
     grid: Grid | None = None,
     row_group: jax.Array | None = None,
     block_size: int = 128,
-    num_segments: int = 4,
+    micro_block: int = 16,
+    num_segments: int = 8,
 ) -> tuple[jax.Array, Grid, jax.Array]:
   """GPTQ codes for W given the triangular factor T of its damped Hessian.
 
@@ -108,6 +115,7 @@ def gptq(
       groups; ``None`` fits per-channel grids on W up front, or group grids lazily during the sweep.
     row_group: (d_in,) int32, the group each row of W reads from ``grid`` (default ``t // group_size``).
     block_size: rows per lazy-batch block (does not change the result).
+    micro_block: rows per rank-1-update micro-block inside a block (does not change the result).
     num_segments: static row segments bounding the lazy update's wasted work (does not change the result).
 
   Returns:
@@ -141,69 +149,92 @@ def gptq(
     W = jnp.pad(W, ((0, pad), (0, 0)))
     T = jnp.pad(T, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n) >= d_in).astype(T.dtype)
   M = jnp.triu(T, k=1) / jnp.diagonal(T)[None, :]
+  P_all = _obs_maps(T, g) if lazy else None
   if pad:
     if not lazy:
       row_group = jnp.pad(row_group, (0, pad))  # group 0's grid contains 0, so zero rows round to zero
 
+  # Micro-blocks of b rows inside each block: the rank-1 updates touch only b rows (cache-resident), and one
+  # (B × b) @ (b × d_out) matmul per micro-block carries its residuals to the rest of the block.
+  b = math.gcd(micro_block, B)
+  if lazy and g <= B:
+    b = math.gcd(b, g)  # groups start on micro-block boundaries
   ones = jnp.ones((d_out,), dtype)
   W0 = W
   Wt = W  # current targets w̃ (original + residual feedback received so far)
   out_codes, out_scale, out_zero = [], [], []
   for ua, ub in _segments(n_units, num_segments):
-    a, b = ua * unit, ub * unit
-    M_seg, T_seg = M[a:b, a:b], T[a:b, a:b]
-    W0_seg = W0[a:b]
+    sa, sb = ua * unit, ub * unit
+    M_seg = M[sa:sb, sa:sb]
+    W0_seg = W0[sa:sb]
 
-    def block(carry, i1, M_seg=M_seg, T_seg=T_seg, W0_seg=W0_seg, a=a):
+    def block(carry, i1, M_seg=M_seg, W0_seg=W0_seg, sa=sa):
       Wt_seg, cur = carry
       Wb = lax.dynamic_slice_in_dim(Wt_seg, i1, B)
       W0b = lax.dynamic_slice_in_dim(W0_seg, i1, B)
       Mb = lax.dynamic_slice(M_seg, (i1, i1), (B, B))
-      Tb = lax.dynamic_slice(T_seg, (i1, i1), (B, B))
       if lazy and g > B:  # a group spanning several blocks is fitted when its first block starts
-        cur = lax.cond((a + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
+        cur = lax.cond((sa + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
             lax.dynamic_slice_in_dim(Wt_seg, i1, g), lax.dynamic_slice_in_dim(W0_seg, i1, g),
-            lax.dynamic_slice(T_seg, (i1, i1), (g, g)), spec), lambda: cur)
+            P_all[(sa + i1) // g], spec), lambda: cur)
 
-      def row(carry, j):
-        Wb, cur = carry
-        w = Wb[j]
-        if lazy and g <= B:  # a group inside this block is fitted when its first row is reached
-          cur = lax.cond(j % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
-              lax.dynamic_slice_in_dim(Wb, j, g), lax.dynamic_slice_in_dim(W0b, j, g),
-              lax.dynamic_slice(Tb, (j, j), (g, g)), spec), lambda: cur)
+      def micro(Wb, m0, cur, starts):
+        Wm = lax.dynamic_slice_in_dim(Wb, m0, b)
+        W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
+        Mm = lax.dynamic_slice(Mb, (m0, m0), (b, b))
+
+        def row(Wm, j):
+          w = Wm[j]
+          if lazy:
+            scale, zero, first = cur
+            # A group's first row is rounded as the very values its grid was fitted on (equal to w̃ up to
+            # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
+            w = jnp.where(starts & (j == 0), first, w)
+          else:
+            k = row_group[sa + i1 + m0 + j]
+            scale, zero = grid.scales[k], grid.zeros[k]
+          c = grid_lib.quantize_rows(w, scale, zero, maxq)
+          D = W0m[j] - grid_lib.dequantize_rows(c, scale, zero)
+          return Wm + Mm[j][:, None] * D[None, :], (c, D)  # Mm[j, :j+1] == 0: only later rows move
+
+        _, (c, D) = lax.scan(row, Wm, jnp.arange(b))
+        # Rows of the block after this micro-block (rows before it are unaffected: M is upper-triangular).
+        Wb = Wb + jnp.matmul(lax.dynamic_slice_in_dim(Mb, m0, b).T, D, precision=HIGHEST)
+        return Wb, (c, D)
+
+      if lazy and g <= B:
+        def group(Wb, k0):  # groups inside the block: fit at the group's first row, then its micro-blocks
+          cur = _fit_group(lax.dynamic_slice_in_dim(Wb, k0, g), lax.dynamic_slice_in_dim(W0b, k0, g),
+                           P_all[(sa + i1 + k0) // g], spec)
+          Wb, (c, D) = lax.scan(lambda Wb, m: micro(Wb, k0 + m, cur, m == 0), Wb, jnp.arange(0, g, b))
+          return Wb, (c, D, cur[0], cur[1])
+
+        _, outs = lax.scan(group, Wb, jnp.arange(0, B, g))
+      else:
+        starts = ((sa + i1) % g == 0) if lazy else False
+        _, outs = lax.scan(lambda Wb, m0: micro(Wb, m0, cur, starts & (m0 == 0)), Wb, jnp.arange(0, B, b))
         if lazy:
-          scale, zero, first = cur
-          # The group's first row is rounded as the very values its grid was fitted on (they equal w̃ up to
-          # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
-          starts = (j % g == 0) if g <= B else ((j == 0) & ((a + i1) % g == 0))
-          w = jnp.where(starts, first, w)
-        else:
-          k = row_group[a + i1 + j]
-          scale, zero = grid.scales[k], grid.zeros[k]
-        c = grid_lib.quantize_rows(w, scale, zero, maxq)
-        D = W0b[j] - grid_lib.dequantize_rows(c, scale, zero)
-        Wb = Wb + Mb[j][:, None] * D[None, :]  # Mb[j, :j+1] == 0: only later rows of the block move
-        return (Wb, cur), (c, D, scale, zero)
-
-      (_, cur), (c, D, scale, zero) = lax.scan(row, (Wb, cur), jnp.arange(B))
+          outs = outs + (cur[0][None], cur[1][None])
+      D = outs[1].reshape(B, d_out)
       # Lazy batch: rows after this block receive its residuals. M_seg rows i1..i1+B vanish left of column i1,
       # so only this block's (already final) rows and later rows change; the former are never read again.
-      M_rows = lax.dynamic_slice_in_dim(M_seg, i1, B)
-      Wt_seg = Wt_seg + jnp.matmul(M_rows.T, D, precision=HIGHEST)
-      return (Wt_seg, cur), (c, D, scale, zero)
+      Wt_seg = Wt_seg + jnp.matmul(lax.dynamic_slice_in_dim(M_seg, i1, B).T, D, precision=HIGHEST)
+      return (Wt_seg, cur), outs
 
-    (_, _), (c, D, scale, zero) = lax.scan(block, (Wt[a:b], (ones, ones, ones)), jnp.arange(0, b - a, B))
-    D = D.reshape(b - a, d_out)
-    if b < n:  # rows after the segment receive its residuals in one matmul
-      Wt = Wt.at[b:].add(jnp.matmul(M[a:b, b:].T, D, precision=HIGHEST))
-    out_codes.append(c.reshape(b - a, d_out))
-    out_scale.append(scale.reshape(b - a, d_out))
-    out_zero.append(zero.reshape(b - a, d_out))
+    (_, _), outs = lax.scan(block, (Wt[sa:sb], (ones, ones, ones)), jnp.arange(0, sb - sa, B))
+    D = outs[1].reshape(sb - sa, d_out)
+    if sb < n:  # rows after the segment receive its residuals in one matmul
+      Wt = Wt.at[sb:].add(jnp.matmul(M[sa:sb, sb:].T, D, precision=HIGHEST))
+    out_codes.append(outs[0].reshape(sb - sa, d_out))
+    if lazy:  # one (scale, zero) per group (g ≤ B) or per block (g > B, a group spans g / B blocks)
+      out_scale.append(outs[2].reshape(-1, d_out))
+      out_zero.append(outs[3].reshape(-1, d_out))
 
   codes = jnp.concatenate(out_codes)[:d_in]
   if lazy:
-    grid = Grid(jnp.concatenate(out_scale)[:d_in:g], jnp.concatenate(out_zero)[:d_in:g])
+    step = 1 if g <= B else g // B
+    G = d_in // g
+    grid = Grid(jnp.concatenate(out_scale)[::step][:G], jnp.concatenate(out_zero)[::step][:G])
     row_group = grid_lib.contiguous_row_group(d_in, spec)
   Q = grid_lib.dequantize(codes, grid, spec, row_group[:d_in])
   return codes.astype(jnp.uint8), grid, Q
