@@ -424,7 +424,7 @@ def quantize_layer(
   lam = damp * mean_diag
   info.update(damp=float(damp), lam=lam, srr_k=srr_k)
   if cfg.diagnostics:
-    info.update({k: float(v) for k, v in _report(W, H, Hf, Q, lr, grid.scales, lam, bits, r).items()})
+    info.update({name: float(v) for name, v in _report(W, H, Hf, Q, lr, grid.scales, lam, bits, r).items()})
     info["objective"] = objective
   jax.block_until_ready((Q, lr, codes))
   info["seconds"] = time.perf_counter() - t0

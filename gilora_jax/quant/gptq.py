@@ -15,18 +15,19 @@ i.e. every row is its original value plus a fixed linear combination of the *fin
 ``D_s = w_s − q_s`` of the rows before it. The codes are the reference's (same arithmetic up to round-off;
 tests compare against a float64 NumPy port of IST-DASLab ``fasterquant``), but the factor is one Cholesky.
 
-Blocking. Rows are processed in blocks of B: inside a block a ``lax.scan`` applies the rank-1 updates to the
-block's own rows; after the block one matmul adds its residuals to every later row ("lazy batch"). The rows
-are further cut into a few static segments so the lazy update touches only the rows after the block, not the
-whole matrix (≈ d_in² d_out flops instead of 2×). The result does not depend on B.
+Blocking. Rows are processed in blocks of B, each in micro-blocks of b: inside a micro-block a ``lax.scan``
+applies the rank-1 updates to its b (cache-resident) rows; after it one matmul carries its residuals to the
+rest of the block, and after the block one matmul carries the block's to every later row ("lazy batch"). The
+rows are further cut into a few static segments so the lazy update touches only the rows after the block, not
+the whole matrix (≈ d_in² d_out flops instead of 2×). The result does not depend on B, b or the segments.
 
 Group-wise grids are fitted *lazily*, when their first row a is reached, on the group's rows as the OBS
 updates of rows < a leave them (what the reference sees when group_size divides block_size; its
 block_size > group_size case, which fits later groups of a block on stale rows, is not reproduced: results
 here never depend on the block size). The inverse-free recurrence carries different partial sums than the
 reference's, so those rows are recovered exactly as ``w_g + T_ggᵀ⁻¹ diag(T_gg) (w̃_g − w_g)`` (one g×g
-matmul per group with maps formed before the sweep; derivation in ``_obs_maps``). Per-channel grids and act-order's static groups are
-fixed up front and passed in.
+matmul per group, with the maps formed before the sweep; derivation in ``_obs_maps``). Per-channel grids and
+act-order's static groups are fixed up front and passed in.
 
 Lingo:
   W (d_in, d_out)   weights (rows = input features), already permuted for act-order
