@@ -98,7 +98,7 @@ class LayerConfig:
 
 
 def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> None:
-  """Host-side checks (NumPy: no compilation, exact counts)."""
+  """Checks of shapes and options (host side, no data pass; the data checks run fused in ``_prepare``)."""
   if W.ndim != 2:
     raise ValueError(f"W must be a 2-D (d_in, d_out) weight; got shape {tuple(W.shape)}.")
   d_in, d_out = W.shape
@@ -109,17 +109,6 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
             if H.shape[0] == d_out else "")
     raise ValueError(f"H is {H.shape[0]}×{H.shape[0]} but W has d_in={d_in} rows; H must be XᵀX of this layer's "
                      f"inputs.{hint}")
-  for name, a in (("W", W), ("H", H)):
-    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-    if bad:
-      raise ValueError(f"{name} contains {bad} NaN/Inf entries; fix the upstream computation (a diverged model, "
-                       f"an fp16 overflow in the calibration forward) before quantizing.")
-  Hn = np.asarray(H, np.float64)
-  scale = max(np.abs(Hn).max(), np.finfo(np.float32).tiny)
-  if np.abs(Hn - Hn.T).max() > 1e-3 * scale:
-    raise ValueError("H is not symmetric; pass the Gram matrix XᵀX (hessian.update accumulates it).")
-  if (np.diagonal(Hn) < -1e-6 * scale).any():
-    raise ValueError("H has negative diagonal entries, so it is not a Gram matrix XᵀX; check how it was built.")
   if cfg.method not in METHODS:
     raise ValueError(f"method={cfg.method!r} is unknown; choose one of {METHODS}.")
   cfg.spec.validate(d_in)
@@ -151,9 +140,28 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
 
 @jax.jit
 def _prepare(W, H):
-  """Dead features fixed, symmetrised H, and mean diag H (the unit of the damping)."""
+  """Dead features fixed, symmetrised H, mean diag H (the unit of the damping), and the data checks: NaN/Inf
+  counts, relative asymmetry and the most negative diagonal entry of H relative to its largest entry."""
+  checks = {"W_bad": jnp.sum(~jnp.isfinite(W)), "H_bad": jnp.sum(~jnp.isfinite(H))}
+  scale = jnp.maximum(jnp.max(jnp.abs(H)), jnp.finfo(H.dtype).tiny)
+  checks["asym"] = jnp.max(jnp.abs(H - H.T)) / scale
+  checks["neg_diag"] = -jnp.min(jnp.diagonal(H)) / scale
   H, W, dead = hessian.fix_dead(0.5 * (H + H.T), W)
-  return H, W, dead, jnp.mean(jnp.diagonal(H))
+  return H, W, dead, jnp.mean(jnp.diagonal(H)), checks
+
+
+def _check_data(checks: dict) -> None:
+  """Raises on the data problems ``_prepare`` measured (one host transfer of four scalars)."""
+  checks = {k: float(v) for k, v in checks.items()}
+  for name in ("W", "H"):
+    bad = int(checks[f"{name}_bad"])
+    if bad:
+      raise ValueError(f"{name} contains {bad} NaN/Inf entries; fix the upstream computation (a diverged model, "
+                       f"an fp16 overflow in the calibration forward) before quantizing.")
+  if checks["asym"] > 1e-3:
+    raise ValueError("H is not symmetric; pass the Gram matrix XᵀX (hessian.update accumulates it).")
+  if checks["neg_diag"] > 1e-6:
+    raise ValueError("H has negative diagonal entries, so it is not a Gram matrix XᵀX; check how it was built.")
 
 
 @functools.partial(jax.jit, static_argnames=("deflate_rank", "act_order", "method"))
@@ -377,13 +385,16 @@ def quantize_layer(
   cfg = LayerConfig(method=method, bits=bits, rank=int(rank), group_size=group_size, symmetric=symmetric,
                     loops=int(loops), act_order=act_order, **options)
   t0 = time.perf_counter()
-  W_np, H_np = np.asarray(W), np.asarray(H)
-  _validate(W_np, H_np, cfg, damp)
-  dtype = jnp.promote_types(jnp.asarray(W_np[:0, :0]).dtype, jnp.float32)  # float32, or float64 under x64
-  W, H = jnp.asarray(W_np, dtype), jnp.asarray(H_np, dtype)
+  W = W if isinstance(W, jax.Array) else np.asarray(W)  # device arrays stay on their device
+  H = H if isinstance(H, jax.Array) else np.asarray(H)
+  _validate(W, H, cfg, damp)
+  # float32 (float64 inputs too, unless jax_enable_x64 is on); bfloat16/float16 weights are computed in float32
+  dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(W.dtype, jnp.float32))
+  W, H = jnp.asarray(W, dtype), jnp.asarray(H, dtype)
   r = cfg.effective_rank
   spec = cfg.spec
-  Hf, Wz, _, mean_diag = _prepare(W, H)
+  Hf, Wz, _, mean_diag, checks = _prepare(W, H)
+  _check_data(checks)
   mean_diag = float(mean_diag)
   info: dict[str, Any] = {"method": method, "bits": bits, "rank": r, "group_size": group_size}
 
