@@ -139,22 +139,55 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
 
 
 @jax.jit
-def _prepare(W, H):
-  """Dead features fixed, symmetrised H, mean diag H (the unit of the damping), and the data checks: NaN/Inf
-  counts, relative asymmetry and the most negative diagonal entry of H relative to its largest entry."""
-  checks = {"W_bad": jnp.sum(~jnp.isfinite(W)), "H_bad": jnp.sum(~jnp.isfinite(H))}
+def _prepare_h(H):
+  """Symmetrised H with dead features fixed, the dead mask, mean diag H (the unit of the damping), and the data
+  checks: NaN/Inf count, relative asymmetry, most negative diagonal entry relative to the largest entry."""
+  checks = {"H_bad": jnp.sum(~jnp.isfinite(H))}
   scale = jnp.maximum(jnp.max(jnp.abs(H)), jnp.finfo(H.dtype).tiny)
   checks["asym"] = jnp.max(jnp.abs(H - H.T)) / scale
   checks["neg_diag"] = -jnp.min(jnp.diagonal(H)) / scale
-  H, W, dead = hessian.fix_dead(0.5 * (H + H.T), W)
-  return H, W, dead, jnp.mean(jnp.diagonal(H)), checks
+  Hf, _, dead = hessian.fix_dead(0.5 * (H + H.T), jnp.zeros((H.shape[0], 1), H.dtype))
+  return Hf, dead, jnp.mean(jnp.diagonal(Hf)), checks
+
+
+@jax.jit
+def _prepare_w(W, dead):
+  """W with dead rows zeroed, and its NaN/Inf count."""
+  return jnp.where(dead[:, None], 0.0, W), jnp.sum(~jnp.isfinite(W))
+
+
+class HessianCache:
+  """Memo of the work that depends on H alone, shared by the projections that read the same inputs.
+
+  q/k/v (and gate/up) of a transformer block see the same calibration inputs, hence one H. Pass one
+  ``HessianCache()`` to each of their ``quantize_layer`` calls (with the same H) and the symmetrised H, its
+  checks, the damped factorisation (including any damping escalation), gilora's eigendecomposition and the
+  eigenvalues for the bounds are computed once per site instead of once per projection. Hold it only while
+  quantizing that site: it keeps a few (d_in, d_in) arrays alive.
+  """
+
+  def __init__(self):
+    self._memo: dict[tuple, Any] = {}
+    self.shape: tuple[int, ...] | None = None
+
+  def get(self, key: tuple, fn):
+    if key not in self._memo:
+      self._memo[key] = fn()
+    return self._memo[key]
+
+  def bind(self, H) -> None:
+    if self.shape is None:
+      self.shape = tuple(H.shape)
+    elif self.shape != tuple(H.shape):
+      raise ValueError(f"this HessianCache was filled for an H of shape {self.shape}, not {tuple(H.shape)}; use "
+                       f"one cache per input site.")
 
 
 def _check_data(checks: dict) -> None:
-  """Raises on the data problems ``_prepare`` measured (one host transfer of four scalars)."""
+  """Raises on the data problems ``_prepare_*`` measured (one host transfer of a few scalars)."""
   checks = {k: float(v) for k, v in checks.items()}
   for name in ("W", "H"):
-    bad = int(checks[f"{name}_bad"])
+    bad = int(checks.get(f"{name}_bad", 0))
     if bad:
       raise ValueError(f"{name} contains {bad} NaN/Inf entries; fix the upstream computation (a diverged model, "
                        f"an fp16 overflow in the calibration forward) before quantizing.")
@@ -252,13 +285,15 @@ def _refine(Wz, codes, grid, Hd, spec: QuantGrid, rank: int, loops: int, order: 
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "rank"))
-def _report(W, H, Hf, Q, lr, scales, lam, bits: int, rank: int):
+def _report(W, H, eigs, Q, lr, scales, lam, bits: int, rank: int):
   """Final relative error and Paper A's bounds, relative to tr(WᵀHW)."""
-  eigs = jnp.linalg.eigvalsh(Hf)
   tr = jnp.maximum(lowrank.objective(W, H), jnp.finfo(W.dtype).tiny)
   return {"rel_err": _rel_err(W, Q, lr, H),
           "upper_bound": bounds_lib.upper_bound(eigs, scales, rank, lam) / tr,
           "lower_estimate": bounds_lib.lower_estimate(eigs, W, bits, rank) / tr}
+
+
+_eigvalsh = jax.jit(jnp.linalg.eigvalsh)
 
 
 @jax.jit
@@ -323,9 +358,10 @@ def _factor_with_escalation(H, damp: float, cfg: LayerConfig):
       f"factor='eigh', which floors tiny eigenvalues.")
 
 
-def _gptq_stage(W, Wz, H, damp, cfg: LayerConfig):
+def _gptq_stage(W, Wz, H, damp, cfg: LayerConfig, cache: HessianCache):
   """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, gilora's parts, damp used."""
-  aux, T, perm, damp = _factor_with_escalation(H, damp, cfg)
+  key = ("factor", damp, cfg.rank if cfg.method == "gilora" else None, cfg.act_order, cfg.factor)
+  aux, T, perm, damp = cache.get(key, lambda: _factor_with_escalation(H, damp, cfg))
   lazy = cfg.group_size is not None and not (cfg.act_order or cfg.static_groups)
   codes, grid = _gptq(Wz, T, perm, W, cfg.spec, lazy, cfg.block_size)
   return codes, grid, aux, damp
@@ -343,6 +379,8 @@ def quantize_layer(
     damp: float = 0.01,
     act_order: bool = False,
     seed: int = 0,
+    *,
+    hessian_cache: HessianCache | None = None,
     **options: Any,
 ) -> LayerResult:
   """Quantizes one linear layer to ``W ≈ Q + L R``, minimising ``‖X W − X (Q + L R)‖²_F``.
@@ -360,6 +398,8 @@ def quantize_layer(
       logged warning while a factorisation fails, up to 4 times; then ``ValueError``.
     act_order: visit input rows by decreasing ``H_ii`` (with groups, static groups fitted on W up front).
     seed: PRNG seed (SRR's random probe).
+    hessian_cache: a ``HessianCache`` shared by the projections that read the same inputs (same H), so the
+      H-only work (checks, factorisation, eigendecompositions) runs once per input site.
     **options: further ``LayerConfig`` fields: ``static_groups``, ``shrink`` (β), ``mse`` (clip search),
       ``block_size``, ``factor`` (``"cholesky"``/``"eigh"``), ``final_olrc`` (gilora: one OLrC of its Q when
       loops = 0; default True), ``bidup_order`` (``forward``/``backward``/``both``), ``bidup_deflated``,
@@ -393,8 +433,11 @@ def quantize_layer(
   W, H = jnp.asarray(W, dtype), jnp.asarray(H, dtype)
   r = cfg.effective_rank
   spec = cfg.spec
-  Hf, Wz, _, mean_diag, checks = _prepare(W, H)
-  _check_data(checks)
+  cache = HessianCache() if hessian_cache is None else hessian_cache
+  cache.bind(H)
+  Hf, dead, mean_diag, checks = cache.get(("prepare",), lambda: _prepare_h(H))
+  Wz, w_bad = _prepare_w(W, dead)
+  _check_data({**checks, "W_bad": w_bad})
   mean_diag = float(mean_diag)
   info: dict[str, Any] = {"method": method, "bits": bits, "rank": r, "group_size": group_size}
 
@@ -409,10 +452,10 @@ def quantize_layer(
     if cfg.srr_quantizer == "rtn":
       codes, grid = _rtn(Wres, spec)
     else:
-      codes, grid, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"))
+      codes, grid, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"), cache)
     srr_k = int(k)
   else:
-    codes, grid, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg)
+    codes, grid, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
 
   Q, lr, Hd, stats = _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec, "rtn" if cfg.method == "srr" else
                                  cfg.method, r, cfg.diagnostics)
@@ -435,7 +478,8 @@ def quantize_layer(
   lam = damp * mean_diag
   info.update(damp=float(damp), lam=lam, srr_k=srr_k)
   if cfg.diagnostics:
-    info.update({name: float(v) for name, v in _report(W, H, Hf, Q, lr, grid.scales, lam, bits, r).items()})
+    eigs = cache.get(("eigvalsh",), lambda: _eigvalsh(Hf))
+    info.update({name: float(v) for name, v in _report(W, H, eigs, Q, lr, grid.scales, lam, bits, r).items()})
     info["objective"] = objective
   jax.block_until_ready((Q, lr, codes))
   info["seconds"] = time.perf_counter() - t0

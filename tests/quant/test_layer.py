@@ -90,3 +90,17 @@ def test_numpy_float64_and_jax_inputs_agree(layer):
 def test_rtn_and_gptq_ignore_rank(layer):
   res = gj.quantize_layer(*layer, method="gptq", bits=3, rank=8)
   assert res.L.shape == (32, 0) and res.R.shape == (0, 16)
+
+
+def test_hessian_cache_shares_site_work_and_changes_nothing():
+  W, _, H = problems.layer(seed=3, d_in=48, d_out=36, n=300, decay=8)
+  cache = gj.HessianCache()
+  parts = [W[:, :12], W[:, 12:24], W[:, 24:]]  # q, k, v reading one input
+  shared = [gj.quantize_layer(w, H, method="gilora", bits=3, rank=4, hessian_cache=cache) for w in parts]
+  alone = [gj.quantize_layer(w, H, method="gilora", bits=3, rank=4) for w in parts]
+  for a, b in zip(shared, alone):
+    np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    np.testing.assert_array_equal(np.asarray(a.L @ a.R), np.asarray(b.L @ b.R))
+  assert sum(k[0] == "factor" for k in cache._memo) == 1  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="one cache per input site"):
+    gj.quantize_layer(W[:24], H[:24, :24], method="gptq", bits=3, hessian_cache=cache)
