@@ -1,0 +1,305 @@
+"""Train the built-in DeiT on scikit-learn's 1,797 8x8 digits -> gilora_jax/assets/deit-digits/.
+
+The digits are read straight out of the scikit-learn wheel (`sklearn/datasets/data/digits.csv.gz`), so
+scikit-learn is never imported or installed. On a 2-core CPU (a few minutes):
+
+  pip download --no-deps --only-binary :all: -d /tmp/dl scikit-learn==1.9.1
+  python experiments/train_builtin_vit.py \
+      --wheel /tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl \
+      --workdir runs/builtin_vit
+
+Images: 0..16 counts -> uint8 0..255 (round(v * 255 / 16)), grey -> 3 equal channels, 8x8 -> 32x32 by nearest
+(each pixel becomes a 4x4 block), /255, then (x - 0.5) / 0.5. Split: stratified, `test_frac` of each class
+held out with a fixed seed. The model is an HF `DeiTForImageClassification` (cls + distillation token,
+logits from the cls token); weights are written in the names `save_pretrained` uses.
+"""
+import dataclasses
+import gzip
+import io
+import os
+import pathlib
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _builtin  # noqa: E402  pylint: disable=wrong-import-position
+
+DIGITS = "sklearn/datasets/data/digits.csv.gz"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  """Train the built-in DeiT on sklearn digits and write it as an HF folder.
+
+  pip download --no-deps --only-binary :all: -d /tmp/dl scikit-learn==1.9.1
+  python experiments/train_builtin_vit.py --wheel /tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+  """
+  wheel: pathlib.Path = pathlib.Path(
+      "/tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl")
+  workdir: pathlib.Path = pathlib.Path("runs/builtin_vit")
+  out: pathlib.Path = REPO / "gilora_jax/assets/deit-digits"
+  test_frac: float = 0.2
+  calib_images: int = 128                 # shipped from the *train* split, for quantization calibration
+  # model
+  image_size: int = 32
+  patch_size: int = 8
+  hidden_size: int = 96
+  intermediate_size: int = 384
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 3
+  layer_norm_eps: float = 1e-6
+  # optimisation
+  batch_size: int = 64
+  steps: int = 1500
+  lr: float = 2e-3
+  warmup_steps: int = 100
+  weight_decay: float = 0.05
+  clip_norm: float = 1.0
+  max_shift: int = 1                      # random translation, in original 8x8 pixels
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 250
+  save_dtype: str = "float32"             # "bfloat16" or "float32"
+  verify_torch: bool = True               # compare logits with transformers.DeiTForImageClassification
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def read_digits(wheel: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (1797, 8, 8) in 0..255, labels int32 (1797,)) from the csv inside the wheel."""
+  with zipfile.ZipFile(wheel) as zf:
+    raw = gzip.decompress(zf.read(DIGITS))
+  data = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.int64)
+  if data.shape != (1797, 65) or data[:, :64].max() != 16:
+    raise ValueError(f"unexpected digits table {data.shape}")
+  images = np.round(data[:, :64].reshape(-1, 8, 8) * 255 / 16).astype(np.uint8)
+  return images, data[:, 64].astype(np.int32)
+
+
+def split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stratified (train_idx, test_idx), both sorted."""
+  rng = np.random.default_rng(seed)
+  test = []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    test.append(idx[: round(len(idx) * test_frac)])
+  test = np.sort(np.concatenate(test))
+  return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+def pixel_values(images: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 (B, 8, 8) -> float32 (B, 3, S, S): nearest upscale, /255, normalise with mean = std = 0.5."""
+  r = image_size // images.shape[-1]
+  x = np.repeat(np.repeat(images.astype(np.float32) / 255.0, r, axis=-2), r, axis=-1)
+  return np.repeat(((x - 0.5) / 0.5)[:, None], 3, axis=1)
+
+
+def random_shift(images: np.ndarray, max_shift: int, rng) -> np.ndarray:
+  """Translate each 8x8 image by up to max_shift pixels (zero fill)."""
+  out = np.zeros_like(images)
+  n, h, w = images.shape
+  pad = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
+  dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
+  for i in range(n):
+    out[i] = pad[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- model
+# Functional DeiT keyed by the HF safetensors names (torch layouts), checked against transformers.
+
+
+def param_shapes(a: Args) -> dict[str, tuple[int, ...]]:
+  D, F, P = a.hidden_size, a.intermediate_size, a.patch_size  # pylint: disable=invalid-name
+  n_tok = (a.image_size // P) ** 2 + 2
+  e = "deit.embeddings."
+  shapes = {e + "cls_token": (1, 1, D), e + "distillation_token": (1, 1, D), e + "position_embeddings": (1, n_tok, D),
+            e + "patch_embeddings.projection.weight": (D, 3, P, P), e + "patch_embeddings.projection.bias": (D,),
+            "deit.layernorm.weight": (D,), "deit.layernorm.bias": (D,), "classifier.weight": (10, D),
+            "classifier.bias": (10,)}
+  for i in range(a.num_hidden_layers):
+    p = f"deit.encoder.layer.{i}."
+    for n in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+              "attention.output.dense"):
+      shapes |= {p + n + ".weight": (D, D), p + n + ".bias": (D,)}
+    shapes |= {p + "intermediate.dense.weight": (F, D), p + "intermediate.dense.bias": (F,),
+               p + "output.dense.weight": (D, F), p + "output.dense.bias": (D,)}
+    for n in ("layernorm_before", "layernorm_after"):
+      shapes |= {p + n + ".weight": (D,), p + n + ".bias": (D,)}
+  return shapes
+
+
+def init_params(a: Args, key):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  shapes = param_shapes(a)
+  params = {}
+  for name, k in zip(sorted(shapes), jax.random.split(key, len(shapes))):
+    shape = shapes[name]
+    if name.endswith("bias"):
+      params[name] = jnp.zeros(shape, jnp.float32)
+    elif "layernorm" in name:
+      params[name] = jnp.ones(shape, jnp.float32)
+    else:
+      params[name] = 0.02 * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32)
+  return params
+
+
+def forward(params, x, a: Args):
+  """pixel_values (B, 3, S, S) float32 -> logits (B, 10); HF DeiT numerics (exact GELU, pre-LN)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  B, P, D, H = x.shape[0], a.patch_size, a.hidden_size, a.num_attention_heads  # pylint: disable=invalid-name
+  g = a.image_size // P
+  w = lambda n: params[n + ".weight"]  # noqa: E731
+  b = lambda n: params[n + ".bias"]  # noqa: E731
+
+  def ln(x, n):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + a.layer_norm_eps) * w(n) + b(n)
+
+  patches = x.reshape(B, 3, g, P, g, P).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * P * P)  # (B, N, CPP)
+  proj = "deit.embeddings.patch_embeddings.projection"
+  tok = patches @ w(proj).reshape(D, -1).T + b(proj)
+  cls = jnp.broadcast_to(params["deit.embeddings.cls_token"], (B, 1, D))
+  dist = jnp.broadcast_to(params["deit.embeddings.distillation_token"], (B, 1, D))
+  h = jnp.concatenate([cls, dist, tok], axis=1) + params["deit.embeddings.position_embeddings"]
+  T = h.shape[1]  # pylint: disable=invalid-name
+  for i in range(a.num_hidden_layers):
+    p = f"deit.encoder.layer.{i}."
+    y = ln(h, p + "layernorm_before")
+    q, k, v = (y @ w(p + f"attention.attention.{n}").T + b(p + f"attention.attention.{n}") for n in ("query", "key", "value"))
+    o = jax.nn.dot_product_attention(*(t.reshape(B, T, H, D // H) for t in (q, k, v))).reshape(B, T, D)
+    h = h + o @ w(p + "attention.output.dense").T + b(p + "attention.output.dense")
+    y = ln(h, p + "layernorm_after")
+    y = jax.nn.gelu(y @ w(p + "intermediate.dense").T + b(p + "intermediate.dense"), approximate=False)
+    h = h + y @ w(p + "output.dense").T + b(p + "output.dense")
+  h = ln(h, "deit.layernorm")
+  return h[:, 0] @ w("classifier").T + b("classifier")
+
+
+def hf_config(a: Args):
+  from transformers import DeiTConfig  # pylint: disable=import-outside-toplevel
+  return DeiTConfig(
+      architectures=["DeiTForImageClassification"], hidden_size=a.hidden_size,
+      num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+      intermediate_size=a.intermediate_size, hidden_act="gelu", hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, layer_norm_eps=a.layer_norm_eps, image_size=a.image_size,
+      patch_size=a.patch_size, num_channels=3, qkv_bias=True, num_labels=10,
+      id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)}, dtype=a.save_dtype)
+
+
+def preprocessor_config(a: Args) -> dict:
+  """DeiTImageProcessor settings equivalent to `pixel_values` (for 8x8 uint8 greyscale images as RGB)."""
+  return {"image_processor_type": "DeiTImageProcessor", "do_resize": True,
+          "size": {"height": a.image_size, "width": a.image_size}, "resample": 0, "do_center_crop": False,
+          "crop_size": {"height": a.image_size, "width": a.image_size}, "do_rescale": True,
+          "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+          "image_std": [0.5, 0.5, 0.5]}
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def top1(params, images, labels, a: Args, batch: int = 256) -> float:
+  import jax  # pylint: disable=import-outside-toplevel
+  fwd = jax.jit(lambda p, x: forward(p, x, a))
+  pred = np.concatenate([np.asarray(fwd(params, pixel_values(images[s:s + batch], a.image_size))).argmax(-1)
+                         for s in range(0, len(images), batch)])
+  return float((pred == labels).mean())
+
+
+def train(a: Args, images, labels, test_images, test_labels, writer):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  params = init_params(a, jax.random.key(a.seed))
+  n_params = sum(int(np.prod(v.shape)) for v in params.values())
+  schedule = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup_steps, a.steps, 0.0)
+  decay_mask = {k: v.ndim >= 2 and "token" not in k and "position" not in k for k, v in params.items()}
+  tx = optax.chain(optax.clip_by_global_norm(a.clip_norm),
+                   optax.adamw(schedule, weight_decay=a.weight_decay, mask=decay_mask))
+  opt_state = tx.init(params)
+
+  def loss_fn(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(forward(params, x, a), y).mean()
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(a.seed)
+  writer.write(event="start", n_params=n_params, train_images=int(len(labels)), test_images=int(len(test_labels)))
+  t0, losses = time.time(), []
+  for i in range(1, a.steps + 1):
+    idx = rng.integers(0, len(labels), a.batch_size)
+    x = pixel_values(random_shift(images[idx], a.max_shift, rng), a.image_size)
+    params, opt_state, loss = step(params, opt_state, jnp.asarray(x), jnp.asarray(labels[idx]))
+    losses.append(loss)
+    if i % a.log_every == 0 or i == a.steps:
+      mean_loss = float(np.mean(jax.device_get(losses)))
+      losses = []
+      writer.write(step=i, train_loss=round(mean_loss, 4), lr=float(schedule(i)))
+    if i % a.eval_every == 0 or i == a.steps:
+      writer.write(step=i, test_top1=top1(params, test_images, test_labels, a))
+  return jax.device_get(params), n_params, time.time() - t0, mean_loss
+
+
+def torch_max_diff(folder: pathlib.Path, params, x: np.ndarray, a: Args) -> float:
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import DeiTForImageClassification  # pylint: disable=import-outside-toplevel
+  model = DeiTForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
+  with torch.no_grad():
+    ref = model(pixel_values=torch.as_tensor(x)).logits.numpy()
+  return float(np.abs(np.asarray(forward(params, x, a)) - ref).max())
+
+
+def main(a: Args) -> dict:
+  sys.path.insert(0, str(REPO / "experiments"))
+  from train_builtin_lm import load_safetensors, save_safetensors  # pylint: disable=import-outside-toplevel
+  writer = _builtin.JsonlWriter(a.workdir)
+  _builtin.write_json(a.workdir / "args.json", _builtin.args_dict(a))
+  t_start = time.time()
+
+  images, labels = read_digits(a.wheel)
+  train_idx, test_idx = split(labels, a.test_frac, a.seed)
+  calib_idx = np.sort(np.random.default_rng(a.seed + 1).choice(train_idx, a.calib_images, replace=False))
+  writer.write(event="data", train=int(len(train_idx)), test=int(len(test_idx)), calib=int(len(calib_idx)),
+               test_per_class=np.bincount(labels[test_idx]).tolist())
+
+  params, n_params, train_s, final_loss = train(a, images[train_idx], labels[train_idx], images[test_idx],
+                                                labels[test_idx], writer)
+  acc_f32 = top1(params, images[test_idx], labels[test_idx], a)
+  a.out.mkdir(parents=True, exist_ok=True)
+  hf_config(a).save_pretrained(a.out)
+  _builtin.write_json(a.out / "preprocessor_config.json", preprocessor_config(a))
+  save_safetensors(params, a.out / "model.safetensors", a.save_dtype)
+  np.savez_compressed(a.out / "digits_test.npz", images=images[test_idx], labels=labels[test_idx],
+                      index=test_idx.astype(np.int32), calib_images=images[calib_idx],
+                      calib_labels=labels[calib_idx], calib_index=calib_idx.astype(np.int32))
+  shipped = load_safetensors(a.out / "model.safetensors")
+  result = dict(n_params=n_params, train_seconds=round(train_s, 1), total_seconds=round(time.time() - t_start, 1),
+                final_train_loss=round(final_loss, 4), test_top1_f32=acc_f32,
+                test_top1_shipped=top1(shipped, images[test_idx], labels[test_idx], a),
+                train_top1_shipped=top1(shipped, images[train_idx], labels[train_idx], a),
+                test_images=int(len(test_idx)), save_dtype=a.save_dtype)
+  if a.verify_torch:
+    result["torch_max_abs_logit_diff"] = torch_max_diff(a.out, shipped, pixel_values(images[test_idx[:32]],
+                                                                                     a.image_size), a)
+  writer.write(event="done", **result)
+  _builtin.write_json(a.workdir / "result.json", result)
+  writer.close()
+  return result
+
+
+if __name__ == "__main__":
+  main(_builtin.parse_args(Args))
