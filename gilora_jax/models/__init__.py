@@ -1,0 +1,28 @@
+"""Model ports (Qwen3, DeiT/ViT) and `load_model`, the one entry point from a local folder to an NNX model."""
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+
+from gilora_jax.models import deit, qwen3
+
+__all__ = ["deit", "qwen3", "load_model"]
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> nnx.Module:
+  """The NNX model stored in a local folder; never downloads.
+
+  * A checkpoint written by `gilora_jax.ckpt.save_model` is restored as saved (dtype arguments are ignored).
+  * Otherwise the folder must be a HF checkpoint (config.json + safetensors). Its config.json "architectures"
+    picks the port: Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher or ViTForImageClassification (`deit.DeiT`); anything else raises a
+    ValueError listing these. Weights are cast to `param_dtype` (default `dtype`), compute runs in `dtype`.
+  """
+  from gilora_jax import ckpt  # pylint: disable=import-outside-toplevel  (keeps orbax out of `import models`)
+  from gilora_jax.models import convert  # pylint: disable=import-outside-toplevel
+
+  folder = convert.local_folder(path)
+  if ckpt.is_checkpoint(folder):
+    return ckpt.restore_model(folder)
+  return convert.load_hf(folder, dtype=dtype, param_dtype=param_dtype)

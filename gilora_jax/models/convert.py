@@ -1,0 +1,333 @@
+"""Local HF checkpoint folders <-> NNX models (Qwen3, DeiT/ViT), with safetensors, never over the network.
+
+Key mapping is one table per architecture of `Rule(hf, nnx, transform)` rows, as in bonsai's `params.py`. Both
+sides are templates: `{name:regex}` placeholders in the HF key are captured and substituted into the NNX path
+(`{name}`), so the same table converts in both directions. The transform tag says how the tensor's layout
+changes (torch Linear `(out, in)` <-> flax `(in, out)`; torch Conv2d `(O, I, kh, kw)` <-> flax `(kh, kw, I, O)`).
+
+Loading builds the model abstractly (`nnx.eval_shape`, no random weights), streams each safetensors file once,
+fills the pure-dict state and merges. Every mismatch (HF keys with no target, targets that no key filled, wrong
+shapes) is collected and raised together in one `CheckpointMismatchError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy so safetensors can return bf16 arrays)
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from gilora_jax.models import deit, qwen3
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class Transform(enum.Enum):
+  """How a tensor's layout differs between the HF checkpoint and the NNX variable."""
+  NONE = "none"
+  LINEAR = "linear"  # torch (out, in) <-> flax kernel (in, out)
+  CONV = "conv"  # torch (O, I, kh, kw) <-> flax kernel (kh, kw, I, O)
+
+
+def _to_nnx(x: np.ndarray, t: Transform) -> np.ndarray:
+  if t is Transform.NONE or x.ndim != {Transform.LINEAR: 2, Transform.CONV: 4}[t]:
+    return x  # a tensor of the wrong rank is left as is and then reported as a shape mismatch
+  return x.T if t is Transform.LINEAR else np.transpose(x, (2, 3, 1, 0))
+
+
+def _to_hf(x: np.ndarray, t: Transform) -> np.ndarray:
+  if t is Transform.NONE:
+    return x
+  return x.T if t is Transform.LINEAR else np.transpose(x, (3, 2, 0, 1))
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One row of a key table: HF key template, NNX path template, layout transform."""
+  hf: str
+  nnx: str
+  transform: Transform = Transform.NONE
+
+  def _patterns(self) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in _PLACEHOLDER.finditer(self.hf)}
+
+  @staticmethod
+  def _compile(template: str, patterns: dict[str, str]) -> re.Pattern:
+    parts, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+      parts += [re.escape(template[pos:m.start()]), f"(?P<{m.group(1)}>{patterns[m.group(1)]})"]
+      pos = m.end()
+    return re.compile("".join(parts + [re.escape(template[pos:])]))
+
+  def hf_to_nnx(self, key: str) -> str | None:
+    m = self._compile(self.hf, self._patterns()).fullmatch(key)
+    return None if m is None else _PLACEHOLDER.sub(lambda p: m.group(p.group(1)), self.nnx)
+
+  def nnx_to_hf(self, path: str) -> str | None:
+    m = self._compile(self.nnx, self._patterns()).fullmatch(path)
+    return None if m is None else _PLACEHOLDER.sub(lambda p: m.group(p.group(1)), self.hf)
+
+
+QWEN3_RULES = (
+    Rule("model.embed_tokens.weight", "embed_tokens.embedding"),
+    Rule(r"model.layers.{i:\d+}.{norm:input_layernorm|post_attention_layernorm}.weight", "layers.{i}.{norm}.scale"),
+    Rule(r"model.layers.{i:\d+}.self_attn.{proj:[qkvo]_proj}.weight", "layers.{i}.self_attn.{proj}.kernel",
+         Transform.LINEAR),
+    Rule(r"model.layers.{i:\d+}.self_attn.{proj:[qkvo]_proj}.bias", "layers.{i}.self_attn.{proj}.bias"),
+    Rule(r"model.layers.{i:\d+}.self_attn.{norm:[qk]_norm}.weight", "layers.{i}.self_attn.{norm}.scale"),
+    Rule(r"model.layers.{i:\d+}.mlp.{proj:gate_proj|up_proj|down_proj}.weight", "layers.{i}.mlp.{proj}.kernel",
+         Transform.LINEAR),
+    Rule("model.norm.weight", "norm.scale"),
+    Rule("lm_head.weight", "lm_head.kernel", Transform.LINEAR),
+)
+
+
+def _vit_rules(prefix: str) -> tuple[Rule, ...]:
+  """DeiT (`deit.`) and ViT (`vit.`) checkpoints share everything but the prefix and the heads."""
+  layer = prefix + r".encoder.layer.{i:\d+}."
+  linears = r"attention\.attention\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense"
+  return (
+      Rule(prefix + ".embeddings.{tok:cls_token|distillation_token|position_embeddings}", "embeddings.{tok}"),
+      Rule(prefix + ".embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.kernel",
+           Transform.CONV),
+      Rule(prefix + ".embeddings.patch_embeddings.projection.bias", "embeddings.patch_embeddings.projection.bias"),
+      Rule(layer + "{lin:" + linears + "}.weight", "layers.{i}.{lin}.kernel", Transform.LINEAR),
+      Rule(layer + "{lin:" + linears + "}.bias", "layers.{i}.{lin}.bias"),
+      Rule(layer + "{ln:layernorm_before|layernorm_after}.weight", "layers.{i}.{ln}.scale"),
+      Rule(layer + "{ln:layernorm_before|layernorm_after}.bias", "layers.{i}.{ln}.bias"),
+      Rule(prefix + ".layernorm.weight", "layernorm.scale"),
+      Rule(prefix + ".layernorm.bias", "layernorm.bias"),
+      Rule("{head:classifier|cls_classifier|distillation_classifier}.weight", "{head}.kernel", Transform.LINEAR),
+      Rule("{head:classifier|cls_classifier|distillation_classifier}.bias", "{head}.bias"),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """What converting one HF architecture needs."""
+  config_cls: type
+  model_cls: type
+  rules: tuple[Rule, ...]
+  ignored: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # HF key regexes to skip, given the model config
+
+
+# HF `architectures` name -> how to build and fill it. The supported set of `gilora_jax.models.load_model`.
+ARCHITECTURES = {
+    qwen3.ARCHITECTURE: Architecture(
+        qwen3.ModelConfig, qwen3.Qwen3, QWEN3_RULES,
+        # Old exports carry RoPE buffers; tied checkpoints may still store a copy of the embedding as lm_head.
+        lambda cfg: (r".*\.rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ())),
+    "DeiTForImageClassificationWithTeacher": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("deit")),
+    "DeiTForImageClassification": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("deit")),
+    "ViTForImageClassification": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("vit")),
+}
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tensors do not fit the model its config.json describes; lists every problem at once."""
+
+
+def local_folder(path: str | os.PathLike) -> str:
+  """Returns `path` as an absolute folder path, or raises a clear error. Never downloads anything."""
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.isdir(p):
+    return p
+  if os.path.exists(p):
+    raise NotADirectoryError(f"{path!r} is a file; pass the local model folder that contains it "
+                             f"(config.json plus {SAFETENSORS} or {SAFETENSORS_INDEX}).")
+  raise FileNotFoundError(
+      f"{path!r} is not an existing local folder. gilora_jax never downloads models from the Hugging Face Hub; "
+      f"fetch the checkpoint yourself (e.g. `hf download <repo_id> --local-dir DIR`) and pass that local folder.")
+
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+  """Parsed `folder/config.json`, with errors that name the file."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing: a HF model folder needs config.json beside its weights.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint.") from e
+
+
+def architecture_of(hf_config: dict[str, Any], where: str) -> str:
+  """The single supported entry of config.json "architectures", or a ValueError listing the supported ones."""
+  found = [a for a in hf_config.get("architectures") or () if a in ARCHITECTURES]
+  if not found:
+    raise ValueError(f"{where}: architectures {hf_config.get('architectures')} (model_type "
+                     f"{hf_config.get('model_type')!r}) is not supported; supported: {sorted(ARCHITECTURES)}.")
+  return found[0]
+
+
+def _safetensors_files(folder: str) -> list[str]:
+  """Every safetensors file of the checkpoint: the single file, or all shards named by the index."""
+  index = os.path.join(folder, SAFETENSORS_INDEX)
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e!r}; restore it from the "
+                       f"original checkpoint.") from e
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+      raise FileNotFoundError(f"{index} lists {len(missing)} shard(s) missing from {folder}: {missing}. Copy every "
+                              f"shard into the folder (an interrupted download leaves some out).")
+    return [os.path.join(folder, s) for s in shards]
+  single = os.path.join(folder, SAFETENSORS)
+  if os.path.isfile(single):
+    return [single]
+  raise FileNotFoundError(f"{folder} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX}. Only safetensors "
+                          f"checkpoints are read; re-save a PyTorch .bin checkpoint with `save_pretrained` first.")
+
+
+def _read_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """(key, array) for every tensor of one safetensors file; corrupt or truncated files raise naming the file."""
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for key in f.keys():
+        yield key, f.get_tensor(key)
+  except SafetensorError as e:
+    raise ValueError(f"{path} is not a readable safetensors file ({e}). It is corrupt or truncated (an interrupted "
+                     f"copy or download?); replace it with an intact copy.") from e
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  for k in path[:-1]:
+    tree = tree[k]
+  tree[path[-1]] = value
+
+
+def _dotted(path: tuple) -> str:
+  return ".".join(map(str, path))
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> nnx.Module:
+  """Loads a local HF checkpoint folder (config.json + safetensors, single file or sharded) into an NNX model.
+
+  The architecture comes from config.json "architectures" (see `ARCHITECTURES`). Weights are cast to
+  `param_dtype` (default: `dtype`, default float32) whatever the checkpoint stores.
+  Raises `CheckpointMismatchError` listing every unmapped, missing and wrong-shaped tensor at once.
+  """
+  folder = local_folder(path)
+  hf_config = read_hf_config(folder)
+  arch = ARCHITECTURES[architecture_of(hf_config, os.path.join(folder, "config.json"))]
+  cfg = arch.config_cls.from_hf_config(hf_config, dtype=dtype, param_dtype=param_dtype)
+  return load_state(arch, cfg, _safetensors_files(folder))
+
+
+def load_state(arch: Architecture, cfg, files: list[str]) -> nnx.Module:
+  """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files`."""
+  abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  pure = nnx.to_pure_dict(state)
+  targets = {_dotted(p): (p, leaf) for p, leaf in _flatten(pure).items()}
+  ignored = [re.compile(r) for r in arch.ignored(cfg)]
+  filled, unexpected, wrong_shape = set(), [], []
+  for file in files:
+    for key, value in _read_tensors(file):
+      if any(r.fullmatch(key) for r in ignored):
+        continue
+      for rule in arch.rules:
+        target = rule.hf_to_nnx(key)
+        if target is not None:
+          break
+      if target is None or target not in targets:
+        unexpected.append(f"{key} ({os.path.basename(file)})")
+        continue
+      p, leaf = targets[target]
+      value = _to_nnx(value, rule.transform)
+      if value.shape != leaf.shape:
+        wrong_shape.append(f"{key} {list(value.shape)} (after {rule.transform.value} transform) vs {target} "
+                           f"{list(leaf.shape)}")
+        continue
+      _set(pure, p, jnp.asarray(value.astype(leaf.dtype)))
+      filled.add(target)
+  missing = sorted(set(targets) - filled)
+  if unexpected or missing or wrong_shape:
+    lines = [f"checkpoint {os.path.dirname(files[0])} does not match {arch.model_cls.__name__} built from its "
+             f"config.json ({len(unexpected)} unexpected, {len(missing)} missing, {len(wrong_shape)} wrong shape):"]
+    lines += [f"  unexpected key: {k}" for k in unexpected]
+    lines += [f"  missing (no checkpoint key maps to it): {m}" for m in missing]
+    lines += [f"  wrong shape: {w}" for w in wrong_shape]
+    lines.append("Check that config.json belongs to these weights (layer count, sizes, tie_word_embeddings).")
+    raise CheckpointMismatchError("\n".join(lines))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
+            extra_config: dict[str, Any] | None = None) -> None:
+  """Writes `model` as a HF folder (config.json + safetensors) that `transformers` loads.
+
+  `max_shard_bytes` splits the weights into `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+  `extra_config` entries (e.g. `id2label`, token ids from the original config.json) are written under ours.
+  Weights are stored in the model's `param_dtype`.
+  """
+  cfg = model.config
+  arch = ARCHITECTURES[cfg.architecture]
+  tensors, unmapped = {}, []
+  for p, leaf in _flatten(nnx.to_pure_dict(nnx.state(model))).items():
+    name = _dotted(p)
+    for rule in arch.rules:
+      key = rule.nnx_to_hf(name)
+      if key is not None:
+        break
+    if key is None:
+      unmapped.append(name)
+      continue
+    tensors[key] = np.ascontiguousarray(_to_hf(np.asarray(leaf), rule.transform))
+  if unmapped:
+    raise ValueError(f"cannot express these {type(model).__name__} variables as HF keys: {unmapped}. Only float "
+                     f"models convert to HF; save quantized ones with gilora_jax.ckpt.save_model.")
+  folder = os.path.abspath(os.fspath(path))
+  os.makedirs(folder, exist_ok=True)
+  for stale in os.listdir(folder):  # weights of an earlier save would be mixed into ours
+    if stale in (SAFETENSORS, SAFETENSORS_INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", stale):
+      os.remove(os.path.join(folder, stale))
+  shards, size = [{}], 0
+  for key in sorted(tensors):
+    if max_shard_bytes is not None and shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][key] = tensors[key]
+    size += tensors[key].nbytes
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(folder, SAFETENSORS), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+      weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+      json.dump(index, f, indent=2)
+  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({**(extra_config or {}), **cfg.to_hf_config()}, f, indent=2)
+

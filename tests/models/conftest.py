@@ -1,0 +1,132 @@
+"""Tiny random HF checkpoints built at test time (no hub, no committed binaries), and PyTorch capture helpers.
+
+torch is imported lazily so that the torch-free tests of this folder still run on a machine without it.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+TORCH_REASON = "PyTorch CPU is the reference implementation for parity tests (pip install -e .[test])"
+
+
+def _perturb(pt_model, seed: int):
+  """Adds noise to every parameter: norms start at 1/0 and tokens at 0, which would hide mapping bugs."""
+  import torch  # pylint: disable=import-outside-toplevel
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in pt_model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return pt_model
+
+
+def _qwen3_config(**overrides):
+  from transformers import Qwen3Config  # pylint: disable=import-outside-toplevel
+  kw = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            max_position_embeddings=128)
+  kw.update(overrides)
+  return Qwen3Config(**kw)
+
+
+# name -> Qwen3Config overrides. head_dim * heads != hidden on purpose (catches the head_dim bug).
+QWEN3_VARIANTS = {
+    "gqa_tied": {},
+    "mha_untied_bias": dict(vocab_size=11, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                            head_dim=16, rope_theta=1e4, tie_word_embeddings=False, attention_bias=True),
+}
+
+DEIT_VARIANTS = ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassification", "ViTForImageClassification")
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(tmp_path_factory):
+  """variant name -> (torch model in eval mode, folder it was saved to with save_pretrained)."""
+  pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import Qwen3ForCausalLM  # pylint: disable=import-outside-toplevel
+  cache = {}
+
+  def get(name: str):
+    if name not in cache:
+      torch.manual_seed(0)
+      pt = _perturb(Qwen3ForCausalLM(_qwen3_config(**QWEN3_VARIANTS[name])).eval(), seed=1)
+      folder = str(tmp_path_factory.mktemp(f"qwen3_{name}"))
+      pt.save_pretrained(folder)
+      cache[name] = pt, folder
+    return cache[name]
+  return get
+
+
+@pytest.fixture(scope="session")
+def hf_deit(tmp_path_factory):
+  """architecture name -> (torch model in eval mode, folder saved with save_pretrained)."""
+  pytest.importorskip("torch", reason=TORCH_REASON)
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  cache = {}
+
+  def get(arch: str):
+    if arch not in cache:
+      config_cls = transformers.ViTConfig if arch.startswith("ViT") else transformers.DeiTConfig
+      cfg = config_cls(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                       image_size=32, patch_size=8, num_labels=10, layer_norm_eps=1e-6)
+      torch.manual_seed(0)
+      pt = _perturb(getattr(transformers, arch)(cfg).eval(), seed=2)
+      folder = str(tmp_path_factory.mktemp(arch))
+      pt.save_pretrained(folder)
+      cache[arch] = pt, folder
+    return cache[arch]
+  return get
+
+
+class Capture:
+  """Records (first input, output) of named torch submodules during a forward pass, via forward hooks."""
+
+  def __init__(self, pt_model, names):
+    self.data, self._handles = {}, []
+    modules = dict(pt_model.named_modules())
+    for name in names:
+      self._handles.append(modules[name].register_forward_hook(self._hook(name), with_kwargs=True))
+
+  def _hook(self, name):
+    def fn(module, args, kwargs, output):  # pylint: disable=unused-argument
+      x = args[0] if args else kwargs["hidden_states"]
+      out = output[0] if isinstance(output, tuple) else output
+      self.data[name] = (x.detach().numpy(), out.detach().numpy())
+    return fn
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    for h in self._handles:
+      h.remove()
+
+
+@pytest.fixture
+def capture():
+  """The `Capture` class, for tests to record torch submodule inputs/outputs."""
+  return Capture
+
+
+@pytest.fixture
+def rewrite_config():
+  """The `rewrite_config` helper."""
+  return _rewrite_config
+
+
+def _rewrite_config(folder: str, **changes):
+  """Edits config.json in place (None deletes a key)."""
+  path = os.path.join(folder, "config.json")
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  for k, v in changes.items():
+    if v is None:
+      cfg.pop(k, None)
+    else:
+      cfg[k] = v
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(cfg, f)
+
