@@ -1,0 +1,194 @@
+"""Uniform b-bit quantization grids: fit, quantize, dequantize.
+
+A grid maps each weight to one of ``2**bits`` evenly spaced levels ``scale · (c − zero)``,
+``c ∈ {0, …, maxq}``. One (scale, zero) pair serves an output column (per-channel) or a group of
+``group_size`` consecutive input rows of one output column (group-wise). The fit follows the reference
+GPTQ quantizer (IST-DASLab/gptq ``quant.py``), so the grid always contains 0; Paper A's shrink factor β
+scales the step after the zero point is placed (ALGORITHMS.md §A.2).
+
+Lingo:
+  W (d_in, d_out)            weight in the Flax-kernel orientation: rows = input features
+  g = group_size             consecutive input rows sharing one (scale, zero) per column; None = all d_in
+  scales, zeros (G, d_out)   one pair per (group, output column); G = d_in // g (1 per-channel)
+  codes (d_in, d_out) uint8  integer levels in [0, maxq], maxq = 2**bits − 1
+  row_group (d_in,) int32    which group each row reads its grid from (contiguous: t // g)
+
+References:
+  Frantar et al., "GPTQ", arXiv:2210.17323; reference code github.com/IST-DASLab/gptq (quant.py).
+  Zhang & Saab, "GPTQ-intrinsic LoRA", arXiv:2606.01412 (shrink factor β, fixed grid).
+"""
+# Math-style names follow the papers.  pylint: disable=invalid-name
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The reference quantizer's clip search: shrink candidates p = 1 − i/_MSE_GRID, i < _MSE_MAXSHRINK·_MSE_GRID,
+# scored by Σ|q − w|^_MSE_NORM per column (IST-DASLab quant.py defaults).
+_MSE_GRID = 100
+_MSE_MAXSHRINK = 0.8
+_MSE_NORM = 2.4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantGrid:
+  """Static, hashable description of a uniform grid (safe as a ``jax.jit`` static argument).
+
+  Attributes:
+    bits: bit width, 2..8.
+    group_size: consecutive input rows (along d_in) sharing one scale/zero per output column; ``None`` means
+      per output channel (one group spanning all of d_in). Must divide d_in.
+    symmetric: symmetric grid (zero point fixed at (maxq + 1) / 2, scale from max |w|) instead of min–max.
+    shrink: β, the factor applied to the min–max step (Paper A uses 0.9 at 3 bits for Qwen3, 0.6–0.7 for DeiT).
+    mse: search the clip ratio per column minimising Σ|q − w|^2.4 (the reference's ``mse=True``); overrides
+      ``shrink``.
+  """
+  bits: int = 4
+  group_size: int | None = None
+  symmetric: bool = False
+  shrink: float = 1.0
+  mse: bool = False
+
+  @property
+  def maxq(self) -> int:
+    return 2**self.bits - 1
+
+  def num_groups(self, d_in: int) -> int:
+    return 1 if self.group_size is None else d_in // self.group_size
+
+  def validate(self, d_in: int) -> None:
+    """Raises ``ValueError`` naming the fix when this grid cannot quantize a weight with ``d_in`` rows."""
+    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"bits={self.bits!r} is outside 2..8; choose an integer bit width from 2 to 8.")
+    if not 0.0 < self.shrink <= 1.0:
+      raise ValueError(f"shrink={self.shrink!r} must lie in (0, 1]; it scales the min–max step (β in Paper A).")
+    if self.group_size is not None:
+      if self.group_size <= 0 or d_in % self.group_size:
+        divisors = [g for g in (32, 64, 128, 256) if d_in % g == 0]
+        raise ValueError(
+            f"group_size={self.group_size} does not divide d_in={d_in}; use a divisor of {d_in}"
+            + (f" such as {divisors}" if divisors else "") + ", or group_size=None for per-channel grids.")
+
+
+class Grid(NamedTuple):
+  """Fitted grid parameters. Dequantized value of code c in group k, column j: scales[k, j] · (c − zeros[k, j])."""
+  scales: jax.Array  # (G, d_out) float32, > 0
+  zeros: jax.Array   # (G, d_out) float32, integer-valued in [0, maxq] (asymmetric) or (maxq + 1) / 2
+
+
+def _minmax_params(xmin, xmax, spec: QuantGrid, shrink):
+  """Scale and zero point for per-column ranges [xmin, xmax] (already widened to contain 0)."""
+  maxq = spec.maxq
+  if spec.symmetric:
+    xmax = jnp.maximum(-xmin, xmax)
+    xmin = -xmax
+  degenerate = (xmin == 0) & (xmax == 0)
+  xmin = jnp.where(degenerate, -1.0, xmin)
+  xmax = jnp.where(degenerate, 1.0, xmax)
+  scale0 = (xmax - xmin) / maxq
+  if spec.symmetric:
+    zero = jnp.full_like(scale0, (maxq + 1) / 2)
+  else:
+    zero = jnp.round(-xmin / scale0)
+  return shrink * scale0, zero
+
+
+def fit_columns(Wg: jax.Array, spec: QuantGrid) -> tuple[jax.Array, jax.Array]:
+  """Fits one (scale, zero) per column of ``Wg`` (the rows of one group).
+
+  Asymmetric: ``xmin = min(min_t w_t, 0)``, ``xmax = max(max_t w_t, 0)``, ``s = β (xmax − xmin) / maxq``,
+  ``z = round(−xmin · maxq / (xmax − xmin))``. Symmetric: ``xmax = max|w|``, ``xmin = −xmax``,
+  ``z = (maxq + 1) / 2``. (The reference keeps ``xmin = 0`` for a symmetric column with no negative entry and
+  so loses half its levels; here such a column gets the symmetric range like every other.) An all-zero column
+  gets the range [−1, 1]. With ``spec.mse`` the clip ratio p ∈ {1, 0.99, …, 0.21} minimising
+  ``Σ_t |Q(w_t) − w_t|^2.4`` is chosen per column.
+
+  Args:
+    Wg: (rows, d_out) weights of one group.
+    spec: the grid description.
+
+  Returns:
+    ``(scale, zero)``, each (d_out,) float32.
+
+  Example:
+    >>> s, z = fit_columns(jnp.array([[-1.0, 0.0], [3.0, 2.0]]), QuantGrid(bits=2))
+    >>> s.tolist(), z.tolist()
+    ([1.3333333730697632, 0.6666666865348816], [1.0, 0.0])
+  """
+  Wg = Wg.astype(jnp.promote_types(Wg.dtype, jnp.float32))
+  xmin = jnp.minimum(Wg.min(axis=0), 0.0)
+  xmax = jnp.maximum(Wg.max(axis=0), 0.0)
+  if not spec.mse:
+    return _minmax_params(xmin, xmax, spec, spec.shrink)
+
+  def candidate(best, i):
+    p = 1.0 - i / _MSE_GRID
+    scale, zero = _minmax_params(p * xmin, p * xmax, spec, 1.0)
+    q = dequantize_rows(quantize_rows(Wg, scale, zero, spec.maxq), scale, zero)
+    err = jnp.sum(jnp.abs(q - Wg) ** _MSE_NORM, axis=0)
+    better = err < best[0]
+    return (jnp.where(better, err, best[0]), jnp.where(better, scale, best[1]), jnp.where(better, zero, best[2])), None
+
+  init = (jnp.full(Wg.shape[1], jnp.inf, Wg.dtype),) + _minmax_params(xmin, xmax, spec, 1.0)
+  (_, scale, zero), _ = lax.scan(candidate, init, jnp.arange(int(_MSE_MAXSHRINK * _MSE_GRID), dtype=jnp.float32))
+  return scale, zero
+
+
+def quantize_rows(w: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int) -> jax.Array:
+  """Nearest grid level, ``clip(round(w / s) + z, 0, maxq)``, as float (exact small integers).
+
+  Round half to even and a true division, as the reference, so codes match it bit for bit. Because the grid
+  is a clipped arithmetic progression, this is also the minimiser of ``(w − s (c − z))²`` over the codes c.
+  """
+  return jnp.clip(jnp.round(w / scale) + zero, 0.0, maxq)
+
+
+def dequantize_rows(c: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+  """``s · (c − z)``, broadcasting (d_out,) parameters over leading row axes."""
+  return scale * (c - zero)
+
+
+def contiguous_row_group(d_in: int, spec: QuantGrid) -> jax.Array:
+  """The (d_in,) group index ``t // g`` (all zeros per-channel)."""
+  g = d_in if spec.group_size is None else spec.group_size
+  return jnp.arange(d_in, dtype=jnp.int32) // g
+
+
+def fit_grid(W: jax.Array, spec: QuantGrid) -> Grid:
+  """Fits every group of ``W`` at once (round-to-nearest, or the *static* grid of GPTQ's static groups).
+
+  Args:
+    W: (d_in, d_out) weights.
+    spec: the grid description; ``spec.group_size`` must divide d_in.
+
+  Returns:
+    A ``Grid`` with (G, d_out) scales and zeros.
+  """
+  d_in, d_out = W.shape
+  G = spec.num_groups(d_in)
+  Wg = W.reshape(G, d_in // G, d_out)  # (G, g, d_out)
+  scales, zeros = jax.vmap(lambda w: fit_columns(w, spec))(Wg)
+  return Grid(scales, zeros)
+
+
+def quantize(W: jax.Array, grid: Grid, spec: QuantGrid, row_group: jax.Array | None = None) -> jax.Array:
+  """Round-to-nearest codes of ``W`` on a fitted grid: (d_in, d_out) uint8."""
+  row_group = contiguous_row_group(W.shape[0], spec) if row_group is None else row_group
+  c = quantize_rows(W, grid.scales[row_group], grid.zeros[row_group], spec.maxq)
+  return c.astype(jnp.uint8)
+
+
+def dequantize(codes: jax.Array, grid: Grid, spec: QuantGrid, row_group: jax.Array | None = None) -> jax.Array:
+  """Float weights ``s · (c − z)`` of the codes: (d_in, d_out) float32."""
+  row_group = contiguous_row_group(codes.shape[0], spec) if row_group is None else row_group
+  return dequantize_rows(codes.astype(grid.scales.dtype), grid.scales[row_group], grid.zeros[row_group])
+
+
+def rtn(W: jax.Array, spec: QuantGrid) -> tuple[jax.Array, Grid]:
+  """Round-to-nearest baseline: fit each group's grid on W, round every weight to its nearest level."""
+  grid = fit_grid(W, spec)
+  return quantize(W, grid, spec), grid
