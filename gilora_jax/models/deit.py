@@ -273,8 +273,8 @@ class Embeddings(nnx.Module):
     n_special = 2 if cfg.distillation_token else 1
     self.cls_token = nnx.Param(jnp.zeros((1, 1, d), dt))
     self.distillation_token = nnx.Param(jnp.zeros((1, 1, d), dt)) if cfg.distillation_token else None
-    self.position_embeddings = nnx.Param(
-        0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (1, cfg.num_patches + n_special, d), dt))
+    # Zeros, as HF DeiT initialises cls/dist/position embeddings; pretrained values come from the checkpoint.
+    self.position_embeddings = nnx.Param(jnp.zeros((1, cfg.num_patches + n_special, d), dt))
     self.patch_embeddings = PatchEmbeddings(cfg, rngs=rngs)
     self.image_size, self.dtype = cfg.image_size, cfg.dtype
 

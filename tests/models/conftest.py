@@ -5,8 +5,11 @@ torch is imported lazily so that the torch-free tests of this folder still run o
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 TORCH_REASON = "PyTorch CPU is the reference implementation for parity tests (pip install -e .[test])"
 
@@ -103,6 +106,23 @@ class Capture:
   def __exit__(self, *exc):
     for h in self._handles:
       h.remove()
+
+
+def _random_model(model_cls, cfg, seed: int = 0):
+  """`model_cls(cfg)` with N(0, 0.2²) weights drawn by NumPy: eager NNX init compiles an XLA kernel per weight
+  shape (truncated normal, seconds each on a busy CPU), while `nnx.eval_shape` plus NumPy compiles nothing."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  pure = jax.tree.map(lambda s: jnp.asarray((0.2 * rng.standard_normal(s.shape)).astype(s.dtype)),
+                      nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+@pytest.fixture
+def random_model():
+  """`random_model(model_cls, cfg, seed=0)`: a model with random weights, built without XLA compilations."""
+  return _random_model
 
 
 @pytest.fixture
