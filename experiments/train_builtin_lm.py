@@ -124,10 +124,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
   return tok
 
 
-def save_tokenizer(tok, folder: pathlib.Path, model_max_length: int):
+def save_tokenizer(tok, folder: pathlib.Path):
+  """tokenizer.json + tokenizer_config.json that `AutoTokenizer.from_pretrained(folder)` loads offline.
+
+  model_max_length is left unset (no limit): callers tokenize whole texts and then cut them into windows.
+  """
   from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                    model_max_length=model_max_length)
+  wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
   wrapped.save_pretrained(folder)
   return AutoTokenizer.from_pretrained(folder)
 
@@ -293,7 +296,7 @@ def main(a: Args) -> dict:
   f32_nll, n_windows = window_nll(nnx.merge(graphdef, state), eval_ids, a.eval_window)
 
   export(graphdef, state, a.out, a.save_dtype)            # config.json + model.safetensors (clears old weights)
-  hf_tok = save_tokenizer(tok, a.out, a.max_position_embeddings)
+  hf_tok = save_tokenizer(tok, a.out)
   for text in (eval_text[:2000], calib_text[:2000], "Thou art  \u00e9 \u65e5\u672c\n\n"):
     if hf_tok.decode(hf_tok(text)["input_ids"]) != text:
       raise AssertionError(f"tokenizer does not round-trip {text[:40]!r}")
