@@ -12,7 +12,8 @@ import typing
 
 def parse_args(cls, argv=None):
   """A frozen dataclass of scalar fields -> `--field value` flags (tyro-like, argparse only)."""
-  parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                   formatter_class=argparse.RawTextHelpFormatter)
   hints = typing.get_type_hints(cls)
   for f in dataclasses.fields(cls):
     tp = hints[f.name]

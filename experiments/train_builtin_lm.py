@@ -114,7 +114,8 @@ def calib_slices(train: dict[str, str], total_bytes: int, n: int = 8) -> str:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
   """Byte-level BPE (GPT-2 pre-split regex) with one special token, EOS = id 0."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  from tokenizers import (  # pylint: disable=import-outside-toplevel
+      Tokenizer, decoders, models, pre_tokenizers, trainers)
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()

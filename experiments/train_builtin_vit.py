@@ -38,7 +38,8 @@ class Args:
   """Train the built-in DeiT on sklearn digits and write it as an HF folder.
 
   pip download --no-deps --only-binary :all: -d /tmp/dl scikit-learn==1.9.1
-  python experiments/train_builtin_vit.py --wheel /tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+  python experiments/train_builtin_vit.py \
+      --wheel /tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
   """
   wheel: pathlib.Path = pathlib.Path(
       "/tmp/dl/scikit_learn-1.9.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl")
