@@ -95,7 +95,7 @@ def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
 
   ``eigh``: Paper A's route for near-singular matrices (App. C, "GPTQ*"): ``Hd = V diag(e) Vᵀ``,
   ``M = Hd^{1/2}``, QR of ``J M J = Q̃ G`` with ``diag(G) > 0``, ``T = J Gᵀ J``. Eigenvalues are floored at
-  ``1e-7 · max(e)`` (float32) so round-off negatives cannot produce NaNs. Costs an eigendecomposition and a QR.
+  ``1e-7 · max(e)`` (float32; 1e-14 in float64) so round-off negatives cannot produce NaNs. Costs an eigendecomposition and a QR.
 
   Both give the same T up to round-off (T is unique given positive diagonal).
 
@@ -112,8 +112,7 @@ def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
     return Lr[::-1, ::-1]
   if method == "eigh":
     e, V = jnp.linalg.eigh(Hd)
-    floor = jnp.finfo(Hd.dtype).eps * 1e1 * jnp.max(e) if Hd.dtype == jnp.float64 else 1e-7 * jnp.max(e)
-    e = jnp.maximum(e, floor)
+    e = jnp.maximum(e, (1e-7 if Hd.dtype == jnp.float32 else 1e-14) * jnp.max(e))
     M = jnp.matmul(V * jnp.sqrt(e)[None, :], V.T, precision=HIGHEST)
     _, G = jnp.linalg.qr(M[::-1, ::-1])
     G = G * jnp.sign(jnp.diagonal(G))[:, None]  # positive diagonal makes the factor unique
