@@ -95,7 +95,8 @@ def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
 
   ``eigh``: Paper A's route for near-singular matrices (App. C, "GPTQ*"): ``Hd = V diag(e) Vᵀ``,
   ``M = Hd^{1/2}``, QR of ``J M J = Q̃ G`` with ``diag(G) > 0``, ``T = J Gᵀ J``. Eigenvalues are floored at
-  ``1e-7 · max(e)`` (float32; 1e-14 in float64) so round-off negatives cannot produce NaNs. Costs an eigendecomposition and a QR.
+  ``1e-7 · max(e)`` (float32; 1e-14 in float64) so round-off negatives cannot produce NaNs. Costs an
+  eigendecomposition and a QR.
 
   Both give the same T up to round-off (T is unique given positive diagonal).
 
