@@ -227,7 +227,9 @@ def cmd_quantize_model(a: argparse.Namespace) -> int:
   run = {"source": folder, "calib": {"path": os.path.abspath(calib_path), "nsamples": a.nsamples,
                                      "seqlen": a.seqlen if _is_lm(model) else None, "batch_size": a.batch_size,
                                      "seed": a.seed}}
-  quant = {"config": config.to_json(), "num_blocks": len(model.layers)}
+  # Through JSON, so that it compares equal to what a checkpoint stores (tuples come back as lists).
+  run = json.loads(json.dumps(run))
+  quant = {"config": json.loads(json.dumps(config.to_json())), "num_blocks": len(model.layers)}
   resume = None
   if ckpt.is_checkpoint(partial):
     meta = ckpt.read_meta(partial)
