@@ -6,8 +6,8 @@ Storage (all in `nnx.Variable`s, so `nnx.state`/orbax see every array):
                              (d_in, d_out) code matrix share byte k: low nibble = row 2k), else one code per byte
   scales  QuantScale (G, d_out) float32 ┐ the grid: Q = scales[g(t)] · (codes[t] − zeros[g(t)]) (quant.grid)
   zeros   QuantScale (G, d_out) float32 ┘
-  L       nnx.Param (d_in, r)     ┐ the low-rank term, trainable by nnx.Param filters (QPEFT)
-  R       nnx.Param (r, d_out)    ┘
+  L       nnx.Param (d_in, r)     ┐ the low-rank term, trainable by nnx.Param filters (QPEFT); None when r = 0
+  R       nnx.Param (r, d_out)    ┘ (rtn, gptq): orbax cannot store zero-size arrays
   bias    nnx.Param (d_out,)      only when the float linear had one
 
 `QuantCodes` and `QuantScale` are not `nnx.Param`, so `nnx.state(model, nnx.Param)` (an optimizer's view)
@@ -88,8 +88,8 @@ class QuantizedLinear(nnx.Module):
     self.codes = QuantCodes(pack_codes(codes, grid.bits))
     self.scales = QuantScale(jnp.asarray(scales, jnp.float32))
     self.zeros = QuantScale(jnp.asarray(zeros, jnp.float32))
-    self.L = nnx.Param(jnp.asarray(L, jnp.float32))
-    self.R = nnx.Param(jnp.asarray(R, jnp.float32))
+    self.L = nnx.Param(jnp.asarray(L, jnp.float32)) if self.rank else None
+    self.R = nnx.Param(jnp.asarray(R, jnp.float32)) if self.rank else None
     self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
 
   @classmethod
