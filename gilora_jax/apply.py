@@ -274,7 +274,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     for x, b in zip(xs, calib):
       mask = None if b.mask is None else np.asarray(b.mask, bool)
       stats = _block_stats(graphdef, state, x, mask, stats)
-    float_block = clone(block)
+    float_block = clone(block) if config.protocol == "fp" else None  # the fp protocol propagates through it
     for site, paths in sites.items():
       H = stats[site].xtx
       for rel in paths:

@@ -19,6 +19,7 @@ Every command prints one JSON object per result line on stdout; progress and log
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -256,6 +257,8 @@ def cmd_quantize_model(a: argparse.Namespace) -> int:
   ckpt.save_quantized(out, result.model, {**quant, "blocks_done": quant["num_blocks"]}, records,
                       overwrite=a.overwrite, files=files, extra_meta={"run": run, "source": folder})
   shutil.rmtree(partial, ignore_errors=True)
+  for stale in glob.glob(os.path.join(os.path.dirname(partial), f".{os.path.basename(partial)}.*")):
+    shutil.rmtree(stale, ignore_errors=True)  # temporaries of per-block saves that a kill interrupted
   errs = [r["rel_err"] for r in records if r["rel_err"] is not None]
   print(json.dumps({"out": out, "model": folder, "method": a.method, "bits": a.bits, "rank": a.rank,
                     "protocol": a.protocol, "layers": len(records), "blocks": quant["num_blocks"],
@@ -267,7 +270,7 @@ def cmd_quantize_model(a: argparse.Namespace) -> int:
 
 
 def evaluate_folder(folder: str, *, text: str | None = None, seqlen: int = 256, images: str | None = None,
-                    batch_size: int = 8, model=None) -> dict:
+                    batch_size: int | None = None, model=None) -> dict:
   """Perplexity (LM) or top-1 (classifier) of the model in `folder` (HF folder or gilora checkpoint)."""
   from gilora_jax import evaluate  # pylint: disable=import-outside-toplevel
   from gilora_jax.models import convert, load_model  # pylint: disable=import-outside-toplevel
@@ -281,13 +284,13 @@ def evaluate_folder(folder: str, *, text: str | None = None, seqlen: int = 256, 
     text = text or _existing(os.path.join(source, "eval.txt"), "--text FILE")
     ids = evaluate.tokenize(AutoTokenizer.from_pretrained(folder), evaluate.load_text(text))
     return {"model": folder, "text": os.path.abspath(text), "seqlen": seqlen,
-            **evaluate.perplexity(model, ids, seqlen, batch_size)}
+            **evaluate.perplexity(model, ids, seqlen, batch_size or 8)}
   if text is not None:
     raise ValueError("--text is for causal LMs; this is an image classifier (use --images).")
   images = images or _default_calib(source, lm=False)
   imgs, labels = evaluate.load_images(images)
   return {"model": folder, "images_path": os.path.abspath(images),
-          **evaluate.top1(model, imgs, labels, folder, batch_size=max(batch_size, 64))}
+          **evaluate.top1(model, imgs, labels, folder, batch_size=batch_size or 128)}
 
 
 def _existing(path: str, flag: str) -> str:
@@ -326,8 +329,14 @@ BUILTIN_RUNS = (  # (label, QuantConfig overrides): the methods of the built-in 
 
 
 def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, bits: int, rank: int, nsamples: int,
-                       seqlen: int, eval_seqlen: int, protocol: str, seed: int, runs=BUILTIN_RUNS) -> list[dict]:
-  """Quantizes the given LM / classifier folders with every run's method; returns one result dict per row."""
+                       seqlen: int, eval_seqlen: int, protocol: str, seed: int, vit_nsamples: int = 128,
+                       runs=BUILTIN_RUNS) -> list[dict]:
+  """Quantizes the given LM / classifier folders with every run's method; returns one result dict per row.
+
+  The LM is calibrated on `nsamples` random `seqlen`-token windows of its calib.txt and scored by perplexity on
+  eval.txt (`eval_seqlen` windows); the classifier is calibrated on `vit_nsamples` images of the .npz beside it
+  (its calib split) and scored by top-1 on its test split. Tables go to stderr.
+  """
   from gilora_jax import apply, evaluate  # pylint: disable=import-outside-toplevel
   from gilora_jax.models import load_model  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -345,7 +354,7 @@ def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, bits: i
         return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
     else:
       npz = _default_calib(folder, lm=False)
-      calib = vision_calibration(folder, npz, nsamples, 64, seed)
+      calib = vision_calibration(folder, npz, vit_nsamples, 64, seed)
       images, labels = evaluate.load_images(npz)
 
       def score(m):
@@ -353,8 +362,9 @@ def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, bits: i
     metric = "perplexity" if lm else "top1"
     base = score(model)
     rows.append({"model": os.path.basename(folder), "label": "float", **base, "mean_rel_err": None, "seconds": 0.0})
-    print(f"\n{os.path.basename(folder)}: {bits}-bit, rank {rank}, {nsamples} calibration "
-          f"{'windows of ' + str(seqlen) + ' tokens' if lm else 'images'}, protocol {protocol}", file=sys.stderr)
+    print(f"\n{os.path.basename(folder)}: {bits}-bit, rank {rank}, "
+          f"{f'{nsamples} calibration windows of {seqlen} tokens' if lm else f'{vit_nsamples} calibration images'}, "
+          f"protocol {protocol}", file=sys.stderr)
     print(f"{'method':<14}{metric:>12}{'mean rel_err':>14}{'seconds':>9}", file=sys.stderr)
     print(f"{'float':<14}{base[metric]:>12.4f}{'':>14}{'':>9}", file=sys.stderr)
     for label, kw in runs:
@@ -388,14 +398,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
   if a.rank is None:  # models: rank 16 suits the small built-ins (hidden 96–128); the example layer keeps 32
     a.rank = 16 if a.model is not None or _builtin_folders() else 32
   if a.model is not None:
+    a.nsamples = 128 if a.nsamples is None else a.nsamples
     return cmd_quantize_model(a)
   lm_dir, vit_dir = _builtin_folders()
   if lm_dir is None and vit_dir is None:  # the built-in models are not shipped in this install: the example layer
     return cmd_quantize_example(a)
   lm_dir = None if a.vision_only else lm_dir
   vit_dir = None if a.lm_only else vit_dir
-  rows = builtin_comparison(lm_dir, vit_dir, bits=a.bits, rank=a.rank, nsamples=a.nsamples, seqlen=a.seqlen,
-                            eval_seqlen=a.eval_seqlen, protocol=a.protocol, seed=a.seed)
+  rows = builtin_comparison(lm_dir, vit_dir, bits=a.bits, rank=a.rank, nsamples=a.nsamples or 32, seqlen=a.seqlen,
+                            eval_seqlen=a.eval_seqlen, protocol=a.protocol, seed=a.seed,
+                            vit_nsamples=a.nsamples or 128)
   for r in rows:
     print(json.dumps(r))
   return 0
@@ -406,7 +418,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                  "comparison")
   p.add_argument("--calib", default=None, help="calibration text file (LM) or image folder/.npz (classifier); "
                  "default: calib.txt / the .npz in the model folder")
-  p.add_argument("--nsamples", type=int, default=128, help="calibration windows (LM) or images (default 128)")
+  p.add_argument("--nsamples", type=int, default=None, help="calibration windows (LM) or images (default 128; the "
+                 "built-in comparison: 32 windows, all 128 shipped images)")
   p.add_argument("--seqlen", type=int, default=256, help="calibration window length in tokens (default 256)")
   p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
   p.add_argument("--protocol", choices=("quantized", "fp"), default="quantized",
@@ -441,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                  "model)")
   p.add_argument("--seqlen", type=int, default=256, help="evaluation window in tokens (default 256)")
   p.add_argument("--images", default=None, help="image folder or .npz (default: the .npz beside the model)")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=None, help="windows (default 8) or images (default 128) per batch")
   p.set_defaults(func=cmd_eval)
   p = sub.add_parser("generate", help="greedy continuation of a prompt by an LM (HF folder or gilora checkpoint)")
   p.add_argument("--model", required=True)
