@@ -203,8 +203,12 @@ def _block_stats(graphdef, state, x, mask, stats):
 
 
 def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
+  """Replaces each batch's activations by the block's output, in place, so at most one block's worth (plus one
+  batch) is alive at any time."""
   graphdef, state = nnx.split(block)
-  return [_block_forward(graphdef, state, x) for x in xs]
+  for k, x in enumerate(xs):
+    xs[k] = _block_forward(graphdef, state, x)
+  return xs
 
 
 def _quantize_linear(linear: nnx.Linear, H: jax.Array, kw: dict[str, Any]) -> tuple[QuantizedLinear, dict]:

@@ -396,7 +396,7 @@ def _builtin_folders() -> tuple[str | None, str | None]:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
   if a.rank is None:  # models: rank 16 suits the small built-ins (hidden 96–128); the example layer keeps 32
-    a.rank = 16 if a.model is not None or _builtin_folders() else 32
+    a.rank = 16 if a.model is not None or any(_builtin_folders()) else 32
   if a.model is not None:
     a.nsamples = 128 if a.nsamples is None else a.nsamples
     return cmd_quantize_model(a)
