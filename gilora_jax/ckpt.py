@@ -13,6 +13,13 @@ arrays come back bit for bit in their saved dtypes.
 
 `meta` (any JSON-serialisable dict) and `build_abstract(config, meta) -> model` let callers store and restore
 models whose structure differs from the float architecture (e.g. quantized layers swapped in).
+
+Quantized models (`save_quantized`) store `meta["quant"] = {"sites": {module path: QuantizedLinear.spec()},
+"config": QuantConfig JSON, "blocks_done", "num_blocks"}` and `meta["records"]` (the per-layer records).
+`restore_model` sees `meta["quant"]` and rebuilds the abstract model itself (the float architecture from the
+stored config, then `QuantizedLinear.empty` at every stored site), so restoring needs no options. A run that is
+still in progress (blocks_done < num_blocks) is saved the same way under a different folder (see
+`gilora_jax.cli`), so a partial run is never mistaken for a finished one.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] | None = None, *,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, files: dict[str, str | bytes] | None = None) -> str:
   """Atomically writes `model`'s state, config and `meta` to the folder `path`; returns its absolute path.
 
   `model.config` must be one of the registered `ModelConfig`s. An existing `path` raises FileExistsError unless
@@ -59,7 +66,14 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, STATE_DIR), nnx.to_pure_dict(nnx.state(model)))
       checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
+    for name, src in (files or {}).items():
+      dst = os.path.join(tmp, name)
+      if isinstance(src, bytes):
+        with open(dst, "wb") as f:
+          f.write(src)
+      else:
+        shutil.copyfile(src, dst)
+    with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:  # last: its presence marks "finished"
       f.write(encoded)
     if os.path.exists(final):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
@@ -107,7 +121,10 @@ def restore_model(path: str | os.PathLike,
   arch = ARCHITECTURES[info["architecture"]]
   # JSON turns tuples into lists; config fields must stay hashable (the config is static jit metadata).
   cfg = arch.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
-  build = build_abstract or (lambda c, _: arch.model_cls(c, rngs=nnx.Rngs(0)))
+  if build_abstract is None:
+    build = build_quantized if "quant" in info["meta"] else (lambda c, _: arch.model_cls(c, rngs=nnx.Rngs(0)))
+  else:
+    build = build_abstract
   abstract = nnx.eval_shape(lambda: build(cfg, info["meta"]))
   graphdef, state = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -116,3 +133,35 @@ def restore_model(path: str | os.PathLike,
     restored = checkpointer.restore(os.path.join(folder, STATE_DIR), target)
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Quantized models
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def build_quantized(config: Any, meta: dict[str, Any]) -> nnx.Module:
+  """The float architecture of `config` with `QuantizedLinear.empty` at every site in `meta["quant"]["sites"]`."""
+  from gilora_jax import apply, nn  # pylint: disable=import-outside-toplevel  (apply imports ckpt-free modules only)
+  model = ARCHITECTURES[config.architecture].model_cls(config, rngs=nnx.Rngs(0))
+  for path, spec in meta["quant"]["sites"].items():
+    apply.set_path(model, path, nn.QuantizedLinear.from_spec(spec))
+  return model
+
+
+def save_quantized(path: str | os.PathLike, model: nnx.Module, quant: dict[str, Any], records: list[dict],
+                   *, overwrite: bool = False, files: dict[str, str | bytes] | None = None,
+                   extra_meta: dict[str, Any] | None = None) -> str:
+  """Atomically saves a (possibly partially) quantized model: state, config, per-site specs and records.
+
+  `quant` holds at least "config" (the QuantConfig JSON), "blocks_done" and "num_blocks"; the per-site specs are
+  read off the model.
+  """
+  from gilora_jax import apply  # pylint: disable=import-outside-toplevel
+  meta = {**(extra_meta or {}), "quant": {**quant, "sites": apply.quantized_specs(model)}, "records": records}
+  return save_model(path, model, meta, overwrite=overwrite, files=files)
+
+
+def is_quantized(path: str | os.PathLike) -> bool:
+  """True if `path` is a finished checkpoint of a quantized model."""
+  return is_checkpoint(path) and "quant" in read_meta(path)

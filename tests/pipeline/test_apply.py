@@ -1,0 +1,135 @@
+"""quantize_model: per-site Hessians, both propagation protocols, padding masks, rules, surgery on a copy, resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gilora_jax as gj
+from gilora_jax import apply, calib, ckpt
+from gilora_jax.models import qwen3
+from gilora_jax.nn import QuantizedLinear, pack_codes
+from gilora_jax.quant import hessian
+
+from .tiny import LM_CONFIG, random_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return random_model(qwen3.Qwen3, qwen3.ModelConfig(**LM_CONFIG), seed=3)
+
+
+@pytest.fixture(scope="module")
+def lm_calib():
+  ids = np.random.default_rng(5).integers(0, LM_CONFIG["vocab_size"], size=(4, 24)).astype(np.int32)
+  return calib.batches(ids, 2)
+
+
+def _codes(model):
+  return {p: np.asarray(m.codes[...]) for p, m in nnx.iter_modules(model) if isinstance(m, QuantizedLinear)}
+
+
+def _manual_H(block, xs, site):
+  """XᵀX of `site`'s tap over every batch, eagerly (independent of apply's jitted path)."""
+  H = np.zeros((0, 0))
+  for x in xs:
+    _, taps = block(x)
+    t = np.asarray(taps[site], np.float64).reshape(-1, taps[site].shape[-1])
+    H = t.T @ t if H.size == 0 else H + t.T @ t
+  return H
+
+
+def _rel_err_q(lin_float, lin_q, H):
+  W = np.asarray(lin_float.kernel[...], np.float64)
+  E = W - np.asarray(lin_q.dequantized(), np.float64)
+  return np.trace(E.T @ H @ E) / np.trace(W.T @ H @ W)
+
+
+@pytest.mark.parametrize("protocol", ["quantized", "fp"])
+def test_hessians_follow_the_protocol(lm, lm_calib, protocol):
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lm)))
+  out = apply.quantize_model(lm, lm_calib, method="gptq", bits=3, protocol=protocol)
+  # The input model is untouched; the new one has every site quantized, nothing else.
+  assert all(isinstance(lm.layers[i].self_attn.q_proj, nnx.Linear) for i in range(2))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lm))))
+  assert len(out.records) == 2 * 7 and len(_codes(out.model)) == 14
+  assert isinstance(out.model.embed_tokens, nnx.Embed) and isinstance(out.model.lm_head, nnx.Linear)
+
+  x0 = [lm.embed(jnp.asarray(b.inputs)) for b in lm_calib]
+  x1_fp = [lm.layers[0](x)[0] for x in x0]
+  x1_q = [out.model.layers[0](x)[0] for x in x0]
+  x1 = x1_q if protocol == "quantized" else x1_fp
+  for i, xs in ((0, x0), (1, x1)):
+    for site, rel in (("attn_in", "self_attn.q_proj"), ("down_in", "mlp.down_proj")):
+      H = _manual_H(lm.layers[i], xs, site)
+      rec = next(r for r in out.records if r.path == f"layers.{i}.{rel}")
+      q = apply.get_path(out.model.layers[i], rel)
+      f = apply.get_path(lm.layers[i], rel)
+      np.testing.assert_allclose(rec.rel_err_quantized, _rel_err_q(f, q, H), rtol=2e-3)
+      # The codes are quantize_layer's on that H (up to float32 round-off in H: allow rare flips).
+      ref = gj.quantize_layer(np.asarray(f.kernel[...]), H.astype(np.float32), method="gptq", bits=3)
+      codes = np.asarray(apply.get_path(out.model.layers[i], rel).codes[...])
+      assert np.mean(codes == np.asarray(pack_codes(ref.codes, 3))) > 0.97
+  # The two streams really differ, so the check above distinguishes the protocols.
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(x1_fp, x1_q)) > 1e-3
+
+
+def test_fp_protocol_ignores_earlier_quantization(lm, lm_calib):
+  """Under the fp protocol block 1 sees float activations, so block 0's method cannot change block 1."""
+  kw = dict(bits=3, protocol="fp")
+  a = apply.quantize_model(lm, lm_calib, method="gptq", **kw)
+  b = apply.quantize_model(lm, lm_calib, method="gptq", rules=(apply.Rule(r"layers\.0\..*", method="rtn"),), **kw)
+  ca, cb = _codes(a.model), _codes(b.model)
+  assert any((ca[p] != cb[p]).any() for p in ca if p[1] == 0)
+  for p in ca:
+    if p[1] == 1:
+      np.testing.assert_array_equal(ca[p], cb[p])
+  c = apply.quantize_model(lm, lm_calib, method="gptq", bits=3, protocol="quantized",
+                           rules=(apply.Rule(r"layers\.0\..*", method="rtn"),))
+  assert any((ca[p] != _codes(c.model)[p]).any() for p in ca if p[1] == 1)
+
+
+def test_padding_is_masked_out(lm):
+  rng = np.random.default_rng(7)
+  ids = rng.integers(0, 100, size=(2, 24)).astype(np.int32)
+  mask = np.ones((2, 24), bool)
+  mask[0, 15:] = False
+  other = ids.copy()
+  other[0, 15:] = rng.integers(0, 100, size=9)  # different pad ids must not change anything
+  run = lambda t: _codes(apply.quantize_model(lm, [calib.CalibBatch(t, mask)], method="gptq", bits=3).model)
+  a, b = run(ids), run(other)
+  assert a.keys() == b.keys()
+  for p in a:
+    np.testing.assert_array_equal(a[p], b[p])
+  with pytest.raises(ValueError, match="right-padded"):
+    apply.quantize_model(lm, [calib.CalibBatch(ids, mask[:, ::-1])], method="rtn")
+
+
+def test_hessian_update_masks_tokens(rng):
+  x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+  m = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  s = hessian.update(hessian.init(3), x, m)
+  kept = x[m]
+  np.testing.assert_allclose(np.asarray(s.xtx), kept.T @ kept, rtol=1e-5)
+  assert int(s.count) == 8
+
+
+def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
+  """Checkpoint after block 0, restore, resume: the same codes, L, R and logits as one uninterrupted run."""
+  cfg = apply.QuantConfig(method="gptq+olrc", bits=3, rank=4, protocol="fp")
+  saved = {}
+
+  def after_block(i, model, records):
+    if i == 0:
+      saved["path"] = ckpt.save_quantized(tmp_path / "partial", model, {"blocks_done": 1}, [])
+      saved["records"] = list(records)
+  full = apply.quantize_model(lm, lm_calib, cfg, after_block=after_block)
+  partial = ckpt.restore_model(saved["path"])
+  assert isinstance(partial.layers[1].mlp.up_proj, nnx.Linear)  # block 1 was still float when saved
+  resumed = apply.quantize_model(lm, lm_calib, cfg, resume=apply.Resume(partial, saved["records"], 1))
+  a, b = nnx.to_pure_dict(nnx.state(full.model)), nnx.to_pure_dict(nnx.state(resumed.model))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+  assert [r.rel_err for r in full.records] == [r.rel_err for r in resumed.records]
+  ids = jnp.asarray(lm_calib[0].inputs)
+  np.testing.assert_array_equal(np.asarray(qwen3.forward(full.model, ids)), np.asarray(qwen3.forward(resumed.model,
+                                                                                                       ids)))
