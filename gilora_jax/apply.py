@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from gilora_jax import calib as calib_lib
-from gilora_jax.layer import METHODS, LayerConfig, quantize_layer
+from gilora_jax.layer import METHODS, HessianCache, LayerConfig, quantize_layer
 from gilora_jax.nn import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,10 @@ def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
   return xs
 
 
-def _quantize_linear(linear: nnx.Linear, H: jax.Array, kw: dict[str, Any]) -> tuple[QuantizedLinear, dict]:
+def _quantize_linear(linear: nnx.Linear, H: jax.Array, kw: dict[str, Any],
+                     cache: HessianCache) -> tuple[QuantizedLinear, dict]:
   W = np.asarray(linear.kernel[...], np.float32)
-  res = quantize_layer(W, H, **kw)
+  res = quantize_layer(W, H, hessian_cache=cache, **kw)
   spec = LayerConfig(**{k: v for k, v in kw.items() if k not in ("damp", "seed")}).spec
   bias = None if linear.bias is None else linear.bias[...]
   return QuantizedLinear.from_result(res, grid=spec, bias=bias, dtype=str(np.dtype(linear.dtype or "float32"))), \
@@ -281,13 +282,14 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     float_block = clone(block) if config.protocol == "fp" else None  # the fp protocol propagates through it
     for site, paths in sites.items():
       H = stats[site].xtx
+      cache = HessianCache()  # the site's projections share H: check, factorise, decompose it once
       for rel in paths:
         path = f"layers.{i}.{rel}"
         kw = config.for_module(path)
         if kw is None:
           continue
         linear = get_path(block, rel)
-        qlin, info = _quantize_linear(linear, H, kw)
+        qlin, info = _quantize_linear(linear, H, kw, cache)
         set_path(block, rel, qlin)
         rec = LayerRecord(
             block=i, site=site, path=path, d_in=qlin.in_features, d_out=qlin.out_features, method=kw["method"],
