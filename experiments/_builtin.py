@@ -51,3 +51,18 @@ def write_json(path: pathlib.Path, obj) -> None:
 
 def args_dict(args) -> dict:
   return {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in dataclasses.asdict(args).items()}
+
+
+def export(graphdef, state, folder: pathlib.Path, save_dtype: str, model: str, extra_config: dict | None = None):
+  """Writes the HF folder (config.json + model.safetensors) with gilora_jax.models.convert.save_hf.
+
+  ``model`` names the port (``"qwen3"`` or ``"deit"``); weights are cast to ``save_dtype`` on the way out.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert, deit, qwen3  # pylint: disable=import-outside-toplevel
+  cls = {"qwen3": qwen3.Qwen3, "deit": deit.DeiT}[model]
+  cfg = dataclasses.replace(nnx.merge(graphdef, state).config, param_dtype=save_dtype)
+  out_graphdef, out_state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(out_state, jax.tree.map(lambda x: x.astype(save_dtype), nnx.to_pure_dict(state)))
+  convert.save_hf(nnx.merge(out_graphdef, out_state), folder, extra_config=extra_config)

@@ -172,17 +172,6 @@ def init_model(cfg, seed: int):
   return graphdef, state
 
 
-def export(graphdef, state, folder: pathlib.Path, save_dtype: str):
-  """Writes the HF folder (config.json + model.safetensors) with gilora_jax.models.convert.save_hf."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import convert, qwen3  # pylint: disable=import-outside-toplevel
-  cfg = dataclasses.replace(nnx.merge(graphdef, state).config, param_dtype=save_dtype)
-  out_graphdef, out_state = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(out_state, jax.tree.map(lambda x: x.astype(save_dtype), nnx.to_pure_dict(state)))
-  convert.save_hf(nnx.merge(out_graphdef, out_state), folder)
-
-
 # -------------------------------------------------------------------------------------------- training
 
 
@@ -296,7 +285,7 @@ def main(a: Args) -> dict:
   graphdef, state, n_params, train_s, train_cpu_s, final_train_loss = train(a, cfg, train_ids, eval_ids, writer)
   f32_nll, n_windows = window_nll(nnx.merge(graphdef, state), eval_ids, a.eval_window)
 
-  export(graphdef, state, a.out, a.save_dtype)            # config.json + model.safetensors (clears old weights)
+  _builtin.export(graphdef, state, a.out, a.save_dtype, "qwen3")            # config.json + model.safetensors (clears old weights)
   hf_tok = save_tokenizer(tok, a.out)
   for text in (eval_text[:2000], calib_text[:2000], "Thou art  \u00e9 \u65e5\u672c\n\n"):
     if hf_tok.decode(hf_tok(text)["input_ids"]) != text:

@@ -146,18 +146,6 @@ def init_model(cfg, seed: int):
   return graphdef, state
 
 
-def export(graphdef, state, folder: pathlib.Path, save_dtype: str):
-  """Writes the HF folder (config.json + model.safetensors) with gilora_jax.models.convert.save_hf."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import convert, deit  # pylint: disable=import-outside-toplevel
-  cfg = dataclasses.replace(nnx.merge(graphdef, state).config, param_dtype=save_dtype)
-  out_graphdef, out_state = nnx.split(nnx.eval_shape(lambda: deit.DeiT(cfg, rngs=nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(out_state, jax.tree.map(lambda x: x.astype(save_dtype), nnx.to_pure_dict(state)))
-  labels = {"id2label": {str(i): str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
-  convert.save_hf(nnx.merge(out_graphdef, out_state), folder, extra_config=labels)
-
-
 def preprocessor_config(a: Args) -> dict:
   """DeiTImageProcessor settings equivalent to `pixel_values` (for 8x8 uint8 greyscale images as RGB)."""
   return {"image_processor_type": "DeiTImageProcessor", "do_resize": True,
@@ -251,7 +239,8 @@ def main(a: Args) -> dict:
   graphdef, state, n_params, train_s, train_cpu_s, final_loss = train(
       a, cfg, images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], writer)
   acc_f32 = top1(nnx.merge(graphdef, state), images[test_idx], labels[test_idx], a)
-  export(graphdef, state, a.out, a.save_dtype)
+  labels = {"id2label": {str(i): str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
+  _builtin.export(graphdef, state, a.out, a.save_dtype, "deit", extra_config=labels)
   _builtin.write_json(a.out / "preprocessor_config.json", preprocessor_config(a))
   np.savez_compressed(a.out / "digits_test.npz", images=images[test_idx], labels=labels[test_idx],
                       index=test_idx.astype(np.int32), calib_images=images[calib_idx],
