@@ -140,20 +140,35 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
 
 @jax.jit
 def _prepare_h(H):
-  """Symmetrised H with dead features fixed, the dead mask, mean diag H (the unit of the damping), and the data
-  checks: NaN/Inf count, relative asymmetry, most negative diagonal entry relative to the largest entry."""
-  checks = {"H_bad": jnp.sum(~jnp.isfinite(H))}
-  scale = jnp.maximum(jnp.max(jnp.abs(H)), jnp.finfo(H.dtype).tiny)
-  checks["asym"] = jnp.max(jnp.abs(H - H.T)) / scale
-  checks["neg_diag"] = -jnp.min(jnp.diagonal(H)) / scale
-  Hf, _, dead = hessian.fix_dead(0.5 * (H + H.T), jnp.zeros((H.shape[0], 1), H.dtype))
-  return Hf, dead, jnp.mean(jnp.diagonal(Hf)), checks
+  """Data checks of H and its dead features, in a few cheap passes (H is not copied).
+
+  Returns the dead mask, mean diag H with dead entries counted as 1 (the unit of the damping), and the checks:
+  whether every entry is finite, the relative asymmetry ``‖(H − Hᵀ) v‖ / ‖H v‖`` for a fixed random probe v
+  (≈ 1e-7 for a Gram matrix, O(1) for a matrix that is not one; two mat-vecs instead of a d² transposition),
+  and the most negative diagonal entry relative to the largest.
+  """
+  diag = jnp.diagonal(H)
+  v = jax.random.normal(jax.random.key(0), (H.shape[0],), H.dtype)
+  Hv, vH = jnp.matmul(H, v, precision=HIGHEST), jnp.matmul(v, H, precision=HIGHEST)
+  tiny = jnp.finfo(H.dtype).tiny
+  checks = {"H_finite": jnp.isfinite(H).all(),
+            "asym": jnp.linalg.norm(Hv - vH) / jnp.maximum(jnp.linalg.norm(Hv), tiny),
+            "neg_diag": -jnp.min(diag) / jnp.maximum(jnp.max(jnp.abs(diag)), tiny)}
+  dead = diag == 0
+  return dead, jnp.mean(jnp.where(dead, 1.0, diag)), checks
 
 
 @jax.jit
-def _prepare_w(W, dead):
-  """W with dead rows zeroed, and its NaN/Inf count."""
-  return jnp.where(dead[:, None], 0.0, W), jnp.sum(~jnp.isfinite(W))
+def _fix_dead_h(H, dead):
+  return H + jnp.diag(dead.astype(H.dtype))
+
+
+@jax.jit
+def _zero_dead_rows(W, dead):
+  return jnp.where(dead[:, None], 0.0, W)
+
+
+_all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
 
 
 class HessianCache:
@@ -183,17 +198,16 @@ class HessianCache:
                        f"one cache per input site.")
 
 
-def _check_data(checks: dict) -> None:
-  """Raises on the data problems ``_prepare_*`` measured (one host transfer of a few scalars)."""
-  checks = {k: float(v) for k, v in checks.items()}
-  for name in ("W", "H"):
-    bad = int(checks.get(f"{name}_bad", 0))
-    if bad:
+def _check_data(H, W, checks: dict) -> None:
+  """Raises on the data problems ``_prepare_h`` measured (one host transfer of a few scalars)."""
+  for name, x, finite in (("H", H, checks["H_finite"]), ("W", W, _all_finite(W))):
+    if not bool(finite):
+      bad = int(jnp.sum(~jnp.isfinite(x)))  # counted on the error path only
       raise ValueError(f"{name} contains {bad} NaN/Inf entries; fix the upstream computation (a diverged model, "
                        f"an fp16 overflow in the calibration forward) before quantizing.")
-  if checks["asym"] > 1e-3:
+  if not float(checks["asym"]) <= 1e-3:
     raise ValueError("H is not symmetric; pass the Gram matrix XᵀX (hessian.update accumulates it).")
-  if checks["neg_diag"] > 1e-6:
+  if float(checks["neg_diag"]) > 1e-6:
     raise ValueError("H has negative diagonal entries, so it is not a Gram matrix XᵀX; check how it was built.")
 
 
@@ -208,25 +222,28 @@ def _factor(H, damp, deflate_rank: int | None, act_order: bool, method: str):
     ih = None
     Hd = H + hessian.damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
   perm = jnp.argsort(-jnp.diagonal(Hd), stable=True) if act_order else None
-  T = hessian.factor(Hd if perm is None else Hd[perm][:, perm], method)
-  ok = jnp.all(jnp.isfinite(T)) & jnp.all(jnp.diagonal(T) > 0)
-  return ih, T, perm, ok
+  Tt = hessian.factor(Hd if perm is None else Hd[perm][:, perm], method, transpose=True)
+  # A failed Cholesky is NaN throughout, so its diagonal tells (no pass over the whole factor).
+  diag = jnp.diagonal(Tt)
+  ok = jnp.all(jnp.isfinite(diag) & (diag > 0))
+  return ih, Tt, perm, ok
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "lazy", "block_size"))
-def _gptq(W, T, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
-  """GPTQ codes in the original row order, and the grid."""
+def _gptq(W, Tt, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
+  """GPTQ codes in the original row order, and the grid (``Tt``: the transposed factor, in sweep order)."""
   d_in = W.shape[0]
+  gptq = functools.partial(gptq_lib.gptq, block_size=block_size, transposed=True)
   if lazy:
-    codes, grid, _ = gptq_lib.gptq(W, T, spec, block_size=block_size)
+    codes, grid, _ = gptq(W, Tt, spec)
     return codes, grid
   # As the reference: per-channel grids come from W as given, static group grids from W with dead rows zeroed.
   grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
   if perm is None:
-    codes, _, _ = gptq_lib.gptq(W, T, spec, grid=grid, block_size=block_size)
+    codes, _, _ = gptq(W, Tt, spec, grid=grid)
     return codes, grid
   row_group = grid_lib.contiguous_row_group(d_in, spec)[perm]
-  codes_p, _, _ = gptq_lib.gptq(W[perm], T, spec, grid=grid, row_group=row_group, block_size=block_size)
+  codes_p, _, _ = gptq(W[perm], Tt, spec, grid=grid, row_group=row_group)
   return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid
 
 
@@ -237,9 +254,9 @@ def _rtn(W, spec: QuantGrid):
 
 @functools.partial(jax.jit, static_argnames=("spec", "method", "rank", "diagnostics"))
 def _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec: QuantGrid, method: str, rank: int, diagnostics: bool):
-  """Q, the method's own low-rank term, the damped objective Hessian, and the pre-refinement errors."""
+  """Q, the method's own low-rank term, and the pre-refinement errors."""
   Q = grid_lib.dequantize(codes, grid, spec)
-  Hd = Hf + hessian.damping(Hf, damp) * jnp.eye(Hf.shape[0], dtype=Hf.dtype)
+  Hd = _damped(Hf, damp)
   E = Wz - Q
   if method == "gptq+lorc":
     lr = lowrank.lorc(E, rank)
@@ -254,14 +271,19 @@ def _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec: QuantGrid, method: st
     zero = lowrank.LowRank(lr.L[:, :0], lr.R[:0])
     stats = {"rel_err_quantized": _rel_err(W, Q, zero, H), "rel_err_method": _rel_err(W, Q, lr, H),
              "objective": lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)}
-  return Q, lr, Hd, stats
+  return Q, lr, stats
+
+
+def _damped(H, damp):
+  return H + hessian.damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size"))
-def _refine(Wz, codes, grid, Hd, spec: QuantGrid, rank: int, loops: int, order: str, deflated: bool,
+def _refine(Wz, codes, grid, Hf, damp, spec: QuantGrid, rank: int, loops: int, order: str, deflated: bool,
             block_size: int):
   """``loops`` × [OLrC → Bid-Up] then OLrC; returns codes, Q, (L, R) and the objective after every step."""
   trace = []
+  Hd = _damped(Hf, damp)
 
   def objective(Q, lr):
     return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)
@@ -302,8 +324,8 @@ def _final_rel_err(W, Q, lr, H):
 
 
 @jax.jit
-def _objective(Wz, Q, lr, Hd):
-  return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)
+def _objective(Wz, Q, lr, Hf, damp):
+  return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), _damped(Hf, damp))
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "scaling"))
@@ -435,9 +457,12 @@ def quantize_layer(
   spec = cfg.spec
   cache = HessianCache() if hessian_cache is None else hessian_cache
   cache.bind(H)
-  Hf, dead, mean_diag, checks = cache.get(("prepare",), lambda: _prepare_h(H))
-  Wz, w_bad = _prepare_w(W, dead)
-  _check_data({**checks, "W_bad": w_bad})
+  dead, mean_diag, checks = cache.get(("prepare",), lambda: _prepare_h(H))
+  _check_data(H, W, checks)
+  # Dead features (H_ii = 0): H_ii ← 1 and W_i ← 0, as the reference (``hessian.fix_dead``); no copies otherwise.
+  any_dead = bool(jnp.any(dead))
+  Hf = cache.get(("fix_dead",), lambda: _fix_dead_h(H, dead)) if any_dead else H
+  Wz = _zero_dead_rows(W, dead) if any_dead else W
   mean_diag = float(mean_diag)
   info: dict[str, Any] = {"method": method, "bits": bits, "rank": r, "group_size": group_size}
 
@@ -457,7 +482,7 @@ def quantize_layer(
   else:
     codes, grid, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
 
-  Q, lr, Hd, stats = _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec, "rtn" if cfg.method == "srr" else
+  Q, lr, stats = _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec, "rtn" if cfg.method == "srr" else
                                  cfg.method, r, cfg.diagnostics)
   if cfg.method == "srr":
     lr = _srr_reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec, r)
@@ -469,10 +494,10 @@ def quantize_layer(
         stats["rel_err_method"])
   if refine:
     Q0, lr0 = Q, lr
-    codes, Q, lr, trace = _refine(Wz, codes, grid, Hd, spec, r, cfg.loops, cfg.bidup_order, cfg.bidup_deflated,
+    codes, Q, lr, trace = _refine(Wz, codes, grid, Hf, damp, spec, r, cfg.loops, cfg.bidup_order, cfg.bidup_deflated,
                                   cfg.block_size)
     if cfg.diagnostics:  # the damped objective before refinement, then after every exact block step
-      start = float(stats["objective"]) if cfg.method != "srr" else float(_objective(Wz, Q0, lr0, Hd))
+      start = float(stats["objective"]) if cfg.method != "srr" else float(_objective(Wz, Q0, lr0, Hf, damp))
       objective = [start] + [float(v) for v in trace]
 
   lam = damp * mean_diag

@@ -71,7 +71,7 @@ def _segments(n_units: int, num_segments: int) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _obs_maps(T: jax.Array, g: int) -> jax.Array:
+def _obs_maps(Tt: jax.Array, g: int) -> jax.Array:
   """Per group k, ``P_k = T_ggᵀ⁻¹ diag(T_gg)`` (G, g, g): the map from carried to OBS-current group rows.
 
   With rows S = {< a} fixed at Q_S and residual D_S = W_S − Q_S, the optimal remaining rows R = {≥ a} are
@@ -80,11 +80,11 @@ def _obs_maps(T: jax.Array, g: int) -> jax.Array:
   triangular ``T_RRᵀ`` has a lower-triangular inverse). The carried targets hold
   ``w̃_g = W_g + diag(T_gg)⁻¹ T_Sgᵀ D_S``, hence the group's OBS-current rows are
   ``W_g + T_ggᵀ⁻¹ diag(T_gg) (w̃_g − W_g) = W_g + P_k (w̃_g − W_g)``. All P_k are formed once, before the
-  sweep (a batch of small triangular solves), so the sweep applies each with one matmul.
+  sweep (a batch of small triangular solves), so the sweep applies each with one matmul. Reads ``Tt = Tᵀ``.
   """
-  n = T.shape[0] // g
-  blocks = jnp.stack([T[k * g:(k + 1) * g, k * g:(k + 1) * g] for k in range(n)])  # (G, g, g)
-  rhs = jnp.diagonal(blocks, axis1=1, axis2=2)[:, :, None] * jnp.eye(g, dtype=T.dtype)[None]
+  n = Tt.shape[0] // g
+  blocks = jnp.stack([Tt[k * g:(k + 1) * g, k * g:(k + 1) * g].T for k in range(n)])  # (G, g, g) blocks of T
+  rhs = jnp.diagonal(blocks, axis1=1, axis2=2)[:, :, None] * jnp.eye(g, dtype=Tt.dtype)[None]
   return jax.vmap(lambda Tk, Bk: jax.scipy.linalg.solve_triangular(Tk, Bk, trans="T", lower=False))(blocks, rhs)
 
 
@@ -105,6 +105,7 @@ def gptq(
     block_size: int = 128,
     micro_block: int = 16,
     num_segments: int = 8,
+    transposed: bool = False,
 ) -> tuple[jax.Array, Grid, jax.Array]:
   """GPTQ codes for W given the triangular factor T of its damped Hessian.
 
@@ -117,7 +118,9 @@ def gptq(
     row_group: (d_in,) int32, the group each row of W reads from ``grid`` (default ``t // group_size``).
     block_size: rows per lazy-batch block (does not change the result).
     micro_block: rows per rank-1-update micro-block inside a block (does not change the result).
-    num_segments: static row segments bounding the lazy update's wasted work (does not change the result).
+    num_segments: static row segments of the left-looking lazy update (does not change the result).
+    transposed: T is given as its transpose ``Tᵀ`` (lower-triangular; ``hessian.factor(..., transpose=True)``),
+      which saves a d_in² transposition.
 
   Returns:
     ``(codes, grid, Q)``: (d_in, d_out) uint8 codes, the grid used (G, d_out), and the dequantized Q.
@@ -131,7 +134,7 @@ def gptq(
   d_in, d_out = W.shape
   dtype = jnp.promote_types(W.dtype, jnp.float32)  # float32, or float64 under jax_enable_x64
   W = W.astype(dtype)
-  T = T.astype(dtype)
+  Tt = T.astype(dtype) if transposed else T.astype(dtype).T  # the sweep reads Tᵀ row by row
   lazy = grid is None and spec.group_size is not None
   if grid is None and not lazy:
     grid = grid_lib.fit_grid(W, spec)
@@ -148,9 +151,9 @@ def gptq(
   # Padding rows: zero weights, identity Hessian block (no coupling), so they round to 0 and change nothing.
   if pad:
     W = jnp.pad(W, ((0, pad), (0, 0)))
-    T = jnp.pad(T, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n) >= d_in).astype(T.dtype)
-  M = jnp.triu(T, k=1) / jnp.diagonal(T)[None, :]
-  P_all = _obs_maps(T, g) if lazy else None
+    Tt = jnp.pad(Tt, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n) >= d_in).astype(Tt.dtype)
+  Mt = jnp.tril(Tt, k=-1) / jnp.diagonal(Tt)[:, None]  # Mᵀ: w̃ = w + Mt D
+  P_all = _obs_maps(Tt, g) if lazy else None
   if pad:
     if not lazy:
       row_group = jnp.pad(row_group, (0, pad))  # group 0's grid contains 0, so zero rows round to zero
@@ -162,27 +165,33 @@ def gptq(
     b = math.gcd(b, g)  # groups start on micro-block boundaries
   ones = jnp.ones((d_out,), dtype)
   W0 = W
-  Wt = W  # current targets w̃ (original + residual feedback received so far)
+  D_all = jnp.zeros_like(W)  # rounding residuals of the rows swept so far
   out_codes, out_scale, out_zero = [], [], []
   for ua, ub in _segments(n_units, num_segments):
     sa, sb = ua * unit, ub * unit
-    M_seg = M[sa:sb, sa:sb]
+    Mt_seg = Mt[sa:sb, sa:sb]
     W0_seg = W0[sa:sb]
+    # Left-looking: the segment's rows receive every earlier segment's residuals in one long-K matmul.
+    Wt_seg = W0_seg if sa == 0 else W0_seg + jnp.matmul(Mt[sa:sb, :sa], D_all[:sa], precision=HIGHEST)
 
-    def block(carry, i1, M_seg=M_seg, W0_seg=W0_seg, sa=sa):
-      Wt_seg, cur = carry
-      Wb = lax.dynamic_slice_in_dim(Wt_seg, i1, B)
+    def block(carry, i1, Mt_seg=Mt_seg, W0_seg=W0_seg, Wt_seg=Wt_seg, sa=sa):
+      D_seg, cur = carry  # D_seg: residuals of this segment's rows so far, zero from row i1 on
+
+      def current(rows):  # targets of `rows` rows from i1 on, with the residuals of rows sa..sa+i1 applied
+        Mr = lax.dynamic_slice_in_dim(Mt_seg, i1, rows)
+        return lax.dynamic_slice_in_dim(Wt_seg, i1, rows) + jnp.matmul(Mr, D_seg, precision=HIGHEST)
+
+      Wb = current(B)
       W0b = lax.dynamic_slice_in_dim(W0_seg, i1, B)
-      Mb = lax.dynamic_slice(M_seg, (i1, i1), (B, B))
+      Mbt = lax.dynamic_slice(Mt_seg, (i1, i1), (B, B))
       if lazy and g > B:  # a group spanning several blocks is fitted when its first block starts
         cur = lax.cond((sa + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
-            lax.dynamic_slice_in_dim(Wt_seg, i1, g), lax.dynamic_slice_in_dim(W0_seg, i1, g),
-            P_all[(sa + i1) // g], spec), lambda: cur)
+            current(g), lax.dynamic_slice_in_dim(W0_seg, i1, g), P_all[(sa + i1) // g], spec), lambda: cur)
 
       def micro(Wb, m0, cur, starts):
         Wm = lax.dynamic_slice_in_dim(Wb, m0, b)
         W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
-        Mm = lax.dynamic_slice(Mb, (m0, m0), (b, b))
+        Mmt = lax.dynamic_slice(Mbt, (m0, m0), (b, b))
 
         def row(Wm, j):
           w = Wm[j]
@@ -196,11 +205,11 @@ def gptq(
             scale, zero = grid.scales[k], grid.zeros[k]
           c = grid_lib.quantize_rows(w, scale, zero, maxq)
           D = W0m[j] - grid_lib.dequantize_rows(c, scale, zero)
-          return Wm + Mm[j][:, None] * D[None, :], (c, D)  # Mm[j, :j+1] == 0: only later rows move
+          return Wm + Mmt[:, j][:, None] * D[None, :], (c, D)  # Mmt[:j+1, j] == 0: only later rows move
 
         _, (c, D) = lax.scan(row, Wm, jnp.arange(b))
         # Rows of the block after this micro-block (rows before it are unaffected: M is upper-triangular).
-        Wb = Wb + jnp.matmul(lax.dynamic_slice_in_dim(Mb, m0, b).T, D, precision=HIGHEST)
+        Wb = Wb + jnp.matmul(lax.dynamic_slice_in_dim(Mbt, m0, b, axis=1), D, precision=HIGHEST)
         return Wb, (c, D)
 
       if lazy and g <= B:
@@ -216,16 +225,13 @@ def gptq(
         _, outs = lax.scan(lambda Wb, m0: micro(Wb, m0, cur, starts & (m0 == 0)), Wb, jnp.arange(0, B, b))
         if lazy:
           outs = outs + (cur[0][None], cur[1][None])
-      D = outs[1].reshape(B, d_out)
-      # Lazy batch: rows after this block receive its residuals. M_seg rows i1..i1+B vanish left of column i1,
-      # so only this block's (already final) rows and later rows change; the former are never read again.
-      Wt_seg = Wt_seg + jnp.matmul(lax.dynamic_slice_in_dim(M_seg, i1, B).T, D, precision=HIGHEST)
-      return (Wt_seg, cur), outs
+      # Lazy batch: later blocks of the segment read this block's residuals (left-looking, in `current`).
+      D_seg = lax.dynamic_update_slice_in_dim(D_seg, outs[1].reshape(B, d_out), i1, 0)
+      return (D_seg, cur), outs
 
-    (_, _), outs = lax.scan(block, (Wt[sa:sb], (ones, ones, ones)), jnp.arange(0, sb - sa, B))
-    D = outs[1].reshape(sb - sa, d_out)
-    if sb < n:  # rows after the segment receive its residuals in one matmul
-      Wt = Wt.at[sb:].add(jnp.matmul(M[sa:sb, sb:].T, D, precision=HIGHEST))
+    (D_seg, _), outs = lax.scan(block, (jnp.zeros_like(W0_seg), (ones, ones, ones)), jnp.arange(0, sb - sa, B))
+    if sb < n:
+      D_all = D_all.at[sa:sb].set(D_seg)
     out_codes.append(outs[0].reshape(sb - sa, d_out))
     if lazy:  # one (scale, zero) per group (g ≤ B) or per block (g > B, a group spans g / B blocks)
       out_scale.append(outs[2].reshape(-1, d_out))

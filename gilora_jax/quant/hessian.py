@@ -86,12 +86,13 @@ def damping(H: jax.Array, damp: float | jax.Array) -> jax.Array:
   return damp * jnp.mean(jnp.diagonal(H))
 
 
-def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
-  """Upper-triangular T with ``T Tᵀ = Hd`` (Hd already damped, symmetric positive definite).
+def factor(Hd: jax.Array, method: str = "cholesky", *, transpose: bool = False) -> jax.Array:
+  """Upper-triangular T with ``T Tᵀ = Hd`` (Hd already damped, symmetric positive definite), or ``Tᵀ``.
 
   ``cholesky``: with J the order reversal, ``J Hd J = L Lᵀ`` (lower Cholesky) gives ``T = J L J``. One
-  Cholesky, d³/3 flops. A matrix that is not positive definite yields NaNs (JAX raises nothing inside jit):
-  check ``jnp.isfinite(T).all()`` and escalate the damping (``gilora_jax.layer`` does).
+  Cholesky, d³/3 flops. Only one triangle of Hd is read (Hd must be symmetric; ``XᵀX`` from ``update`` is, up
+  to round-off). A matrix that is not positive definite yields NaNs (JAX raises nothing inside jit): check
+  ``jnp.diagonal(T)`` (finite and positive) and escalate the damping (``gilora_jax.layer`` does).
 
   ``eigh``: Paper A's route for near-singular matrices (App. C, "GPTQ*"): ``Hd = V diag(e) Vᵀ``,
   ``M = Hd^{1/2}``, QR of ``J M J = Q̃ G`` with ``diag(G) > 0``, ``T = J Gᵀ J``. Eigenvalues are floored at
@@ -103,21 +104,25 @@ def factor(Hd: jax.Array, method: str = "cholesky") -> jax.Array:
   Args:
     Hd: (d, d) damped Hessian.
     method: ``"cholesky"`` or ``"eigh"``.
+    transpose: return the lower-triangular ``Tᵀ`` instead (what the GPTQ sweep reads, ``gptq(...,
+      transposed=True)``). On CPU, LAPACK works column-major, so ``Tᵀ`` comes out of the Cholesky without the
+      d² transposition that ``T`` costs.
 
   Returns:
-    (d, d) upper-triangular T.
+    (d, d) upper-triangular T, or its transpose.
   """
-  Hd = 0.5 * (Hd + Hd.T)
   if method == "cholesky":
-    Lr = jnp.linalg.cholesky(Hd[::-1, ::-1])
-    return Lr[::-1, ::-1]
+    # The Cholesky of the reversed matrix, handed over transposed: LAPACK's column-major input and output are
+    # then plain reinterpretations of the row-major arrays (Hd is symmetric), so XLA copies nothing extra.
+    L = jax.lax.linalg.cholesky(Hd[::-1, ::-1].T, symmetrize_input=False)
+    return L.T[::-1, ::-1] if transpose else L[::-1, ::-1]
   if method == "eigh":
     e, V = jnp.linalg.eigh(Hd)
     e = jnp.maximum(e, (1e-7 if Hd.dtype == jnp.float32 else 1e-14) * jnp.max(e))
     M = jnp.matmul(V * jnp.sqrt(e)[None, :], V.T, precision=HIGHEST)
     _, G = jnp.linalg.qr(M[::-1, ::-1])
     G = G * jnp.sign(jnp.diagonal(G))[:, None]  # positive diagonal makes the factor unique
-    return G.T[::-1, ::-1]
+    return G[::-1, ::-1] if transpose else G.T[::-1, ::-1]
   raise ValueError(f"factor method {method!r} is unknown; use 'cholesky' or 'eigh'.")
 
 
