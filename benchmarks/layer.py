@@ -30,8 +30,8 @@ def parse_args(argv=None):
   p.add_argument("--n-tokens", type=int, default=8192, help="calibration tokens behind H = XᵀX")
   p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                  help="also run llm-compressor's GPTQ (skipped with a message when it is not installed)")
-  p.add_argument("--reps", type=int, default=2, help="timed repetitions (best-of) of the matmul and of our warm run")
-  p.add_argument("--peer-reps", type=int, default=1, help="timed repetitions (best-of) of llm-compressor")
+  p.add_argument("--reps", type=int, default=3, help="timed repetitions (best-of) of the matmul and of our warm run")
+  p.add_argument("--peer-reps", type=int, default=2, help="timed repetitions (best-of) of llm-compressor")
   p.add_argument("--torch-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
                  help="torch thread counts to time llm-compressor with; llmc_s is the best (default: cores and 1)")
   p.add_argument("--seed", type=int, default=0)

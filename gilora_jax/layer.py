@@ -231,31 +231,30 @@ def _factor(H, damp, deflate_rank: int | None, act_order: bool, method: str):
 
 @functools.partial(jax.jit, static_argnames=("spec", "lazy", "block_size"))
 def _gptq(W, Tt, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
-  """GPTQ codes in the original row order, and the grid (``Tt``: the transposed factor, in sweep order)."""
+  """GPTQ codes in the original row order, the grid and Q (``Tt``: the transposed factor, in sweep order)."""
   d_in = W.shape[0]
   gptq = functools.partial(gptq_lib.gptq, block_size=block_size, transposed=True)
   if lazy:
-    codes, grid, _ = gptq(W, Tt, spec)
-    return codes, grid
+    return gptq(W, Tt, spec)
   # As the reference: per-channel grids come from W as given, static group grids from W with dead rows zeroed.
   grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
   if perm is None:
-    codes, _, _ = gptq(W, Tt, spec, grid=grid)
-    return codes, grid
+    codes, _, Q = gptq(W, Tt, spec, grid=grid)
+    return codes, grid, Q
   row_group = grid_lib.contiguous_row_group(d_in, spec)[perm]
-  codes_p, _, _ = gptq(W[perm], Tt, spec, grid=grid, row_group=row_group)
-  return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid
+  codes_p, _, Q_p = gptq(W[perm], Tt, spec, grid=grid, row_group=row_group)
+  return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid, jnp.zeros_like(Q_p).at[perm].set(Q_p)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn(W, spec: QuantGrid):
-  return grid_lib.rtn(W, spec)
+  codes, grid = grid_lib.rtn(W, spec)
+  return codes, grid, grid_lib.dequantize(codes, grid, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "method", "rank", "diagnostics"))
-def _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec: QuantGrid, method: str, rank: int, diagnostics: bool):
-  """Q, the method's own low-rank term, and the pre-refinement errors."""
-  Q = grid_lib.dequantize(codes, grid, spec)
+@functools.partial(jax.jit, static_argnames=("method", "rank", "diagnostics"))
+def _compensate(W, Wz, H, Hf, Q, ih, damp, method: str, rank: int, diagnostics: bool):
+  """The method's own low-rank term for the quantized part Q, and the pre-refinement errors."""
   Hd = _damped(Hf, damp)
   E = Wz - Q
   if method == "gptq+lorc":
@@ -271,7 +270,7 @@ def _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec: QuantGrid, method: st
     zero = lowrank.LowRank(lr.L[:, :0], lr.R[:0])
     stats = {"rel_err_quantized": _rel_err(W, Q, zero, H), "rel_err_method": _rel_err(W, Q, lr, H),
              "objective": lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)}
-  return Q, lr, stats
+  return lr, stats
 
 
 def _damped(H, damp):
@@ -381,12 +380,12 @@ def _factor_with_escalation(H, damp: float, cfg: LayerConfig):
 
 
 def _gptq_stage(W, Wz, H, damp, cfg: LayerConfig, cache: HessianCache):
-  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, gilora's parts, damp used."""
+  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, Q, gilora's parts, damp used."""
   key = ("factor", damp, cfg.rank if cfg.method == "gilora" else None, cfg.act_order, cfg.factor)
   aux, T, perm, damp = cache.get(key, lambda: _factor_with_escalation(H, damp, cfg))
   lazy = cfg.group_size is not None and not (cfg.act_order or cfg.static_groups)
-  codes, grid = _gptq(Wz, T, perm, W, cfg.spec, lazy, cfg.block_size)
-  return codes, grid, aux, damp
+  codes, grid, Q = _gptq(Wz, T, perm, W, cfg.spec, lazy, cfg.block_size)
+  return codes, grid, Q, aux, damp
 
 
 def quantize_layer(
@@ -469,21 +468,21 @@ def quantize_layer(
   ih = None
   srr_k = None
   if cfg.method == "rtn":
-    codes, grid = _rtn(Wz, spec)
+    codes, grid, Q = _rtn(Wz, spec)
   elif cfg.method == "srr":
     k_fixed = -1 if cfg.srr_k is None else cfg.srr_k
     S, S_inv, k, pres, Wres = _srr_preserve(Wz, Hf, damp * mean_diag, jax.random.key(seed), k_fixed, r,
                                             cfg.srr_scaling)
     if cfg.srr_quantizer == "rtn":
-      codes, grid = _rtn(Wres, spec)
+      codes, grid, Q = _rtn(Wres, spec)
     else:
-      codes, grid, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"), cache)
+      codes, grid, Q, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"), cache)
     srr_k = int(k)
   else:
-    codes, grid, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
+    codes, grid, Q, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
 
-  Q, lr, stats = _compensate(W, Wz, H, Hf, codes, grid, ih, damp, spec, "rtn" if cfg.method == "srr" else
-                                 cfg.method, r, cfg.diagnostics)
+  lr, stats = _compensate(W, Wz, H, Hf, Q, ih, damp, "rtn" if cfg.method == "srr" else cfg.method, r,
+                          cfg.diagnostics)
   if cfg.method == "srr":
     lr = _srr_reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec, r)
   refine = cfg.loops > 0 or (cfg.method == "gilora" and cfg.final_olrc)

@@ -15,11 +15,13 @@ i.e. every row is its original value plus a fixed linear combination of the *fin
 ``D_s = w_s − q_s`` of the rows before it. The codes are the reference's (same arithmetic up to round-off;
 tests compare against a float64 NumPy port of IST-DASLab ``fasterquant``), but the factor is one Cholesky.
 
-Blocking. Rows are processed in blocks of B, each in micro-blocks of b: inside a micro-block a ``lax.scan``
-applies the rank-1 updates to its b (cache-resident) rows; after it one matmul carries its residuals to the
-rest of the block, and after the block one matmul carries the block's to every later row ("lazy batch"). The
-rows are further cut into a few static segments so the lazy update touches only the rows after the block, not
-the whole matrix (≈ d_in² d_out flops instead of 2×). The result does not depend on B, b or the segments.
+Blocking. The rows are cut into a few static segments, each segment into blocks of B, each block into
+micro-blocks of b. A segment's rows first receive every earlier segment's residuals in one long-K matmul
+(*left-looking*: ``Mt[seg, :start] @ D[:start]``, the shape CPUs and GPUs run fastest, ≈ d_in² d_out flops in
+all); a block receives the earlier blocks of its segment the same way (one ``B × segment`` matmul, the
+not-yet-swept part of ``D`` still zero); inside a block, a ``lax.scan`` applies the rank-1 updates to the b
+(cache-resident) rows of a micro-block, and one matmul carries its residuals to the rest of the block. The
+result does not depend on B, b or the segments (tests check this in float64).
 
 Group-wise grids are fitted *lazily*, when their first row a is reached, on the group's rows as the OBS
 updates of rows < a leave them (what the reference sees when group_size divides block_size; its
@@ -31,8 +33,9 @@ act-order's static groups are fixed up front and passed in.
 
 Lingo:
   W (d_in, d_out)   weights (rows = input features), already permuted for act-order
-  T (d_in, d_in)    upper-triangular, T Tᵀ = H_λ (``hessian.factor``), in the same row order
-  M (d_in, d_in)    strict upper part of T with columns scaled by 1 / diag(T): w̃ = w + Mᵀ D
+  T (d_in, d_in)    upper-triangular, T Tᵀ = H_λ (``hessian.factor``), in the same row order; the sweep reads
+                    its transpose Tt = Tᵀ (``hessian.factor(..., transpose=True)`` returns it without a copy)
+  Mt (d_in, d_in)   strict lower part of Tᵀ with rows scaled by 1 / diag(T): w̃ = w + Mt D
   D (d_in, d_out)   rounding residuals w − q of the original rows
 
 References:

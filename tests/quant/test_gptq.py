@@ -56,8 +56,10 @@ def test_result_does_not_depend_on_block_size(group_size):
   T = hessian.factor(jnp.asarray(Hd))
   spec = grid_lib.QuantGrid(bits=3, group_size=group_size)
   grid = None if group_size else grid_lib.fit_grid(jnp.asarray(W), spec)
-  outs = [np.asarray(gptq_lib.gptq(jnp.asarray(W), T, spec, grid=grid, block_size=b, num_segments=s)[0])
-          for b, s in ((1, 1), (7, 3), (32, 4), (128, 1))]
+  outs = [np.asarray(gptq_lib.gptq(jnp.asarray(W), T, spec, grid=grid, block_size=b, num_segments=s, micro_block=m)[0])
+          for b, s, m in ((1, 1, 16), (7, 3, 16), (32, 4, 16), (128, 1, 16), (64, 5, 4), (128, 2, 32))]
+  # The transposed factor (what quantize_layer hands over) gives the same codes.
+  outs.append(np.asarray(gptq_lib.gptq(jnp.asarray(W), T.T, spec, grid=grid, transposed=True)[0]))
   for o in outs[1:]:
     np.testing.assert_array_equal(o, outs[0])
 

@@ -39,6 +39,18 @@ def test_factor_is_ul_cholesky_of_damped_hessian(method):
   np.testing.assert_allclose(U.T @ U, np.linalg.inv(Hd), rtol=1e-7, atol=1e-9 * np.abs(np.linalg.inv(Hd)).max())
   # U is GPTQ's Hinv: the upper Cholesky factor of the inverse, computed the reference way.
   np.testing.assert_allclose(U, np.linalg.cholesky(np.linalg.inv(Hd)).T, rtol=1e-6, atol=1e-10)
+  # The transposed form the sweep reads is the same factor, inside jit too (where XLA may drop the layout copies).
+  for Tt in (hessian.factor(jnp.asarray(Hd), method, transpose=True),
+             jax.jit(lambda h: hessian.factor(h, method, transpose=True))(jnp.asarray(Hd))):
+    np.testing.assert_allclose(np.asarray(Tt), T.T, rtol=1e-12, atol=1e-12 * np.abs(T).max())
+
+
+def test_cholesky_factor_reads_one_triangle_of_a_round_off_asymmetric_matrix(rng):
+  X = rng.standard_normal((64, 24)).astype(np.float32)
+  H = X.T @ X + np.eye(24, dtype=np.float32)
+  Ha = H + np.triu(rng.standard_normal((24, 24)).astype(np.float32), 1) * 1e-6 * np.abs(H).max()  # asymmetric
+  T = np.asarray(hessian.factor(jnp.asarray(Ha)), np.float64)
+  np.testing.assert_allclose(T @ T.T, H, rtol=1e-4, atol=1e-4 * np.abs(H).max())
 
 
 def test_cholesky_factor_of_indefinite_matrix_is_not_finite():
