@@ -4,11 +4,11 @@ import json
 import pathlib
 
 
-_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "layer.py"
+_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load():
-  spec = importlib.util.spec_from_file_location("bench_layer", _PATH)
+def _load(name="layer"):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", _DIR / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -21,3 +21,10 @@ def test_layer_bench_smoke(tmp_path):
   assert rec["ours_warm_s"] > 0 and rec["roofline_s"] > 0
   # GPTQ must beat round-to-nearest on the layer output by a wide margin on this correlated, heavy-tailed X.
   assert rec["ours_rel_err"] < 0.7 * rec["rtn_rel_err"]
+
+
+def test_layer_stages_smoke(tmp_path):
+  out = tmp_path / "stages.jsonl"
+  rec = _load("layer_stages").main(["--d", "256", "--n-tokens", "512", "--reps", "1", "--out", str(out)])
+  assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(rec))
+  assert all(rec[k] > 0 for k in ("checks_s", "factor_s", "sweep_s", "quantize_layer_s"))

@@ -1,0 +1,82 @@
+"""Where the time of `quantize_layer(method="gptq")` goes: each jitted stage of `gilora_jax.layer`, timed alone.
+
+Same layer as `benchmarks/layer.py` (4096², 4-bit, g128, symmetric). Stages: the data checks of H, the damped
+transposed Cholesky factor, the GPTQ sweep, and the whole call; each is the best of `--reps` warm calls, and
+the flop rates are against the same float32 matmul rate `layer.py` measures. Appends one JSONL record.
+
+    PYTHONPATH=$PWD python benchmarks/layer_stages.py
+
+The stage functions are private to `gilora_jax.layer`; this script follows them, the public contract is
+`quantize_layer`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import layer as bench  # pylint: disable=wrong-import-position
+
+
+def best(fn, reps):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(fn())
+  out = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t)
+  return min(out)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--d", type=int, default=4096)
+  p.add_argument("--n-tokens", type=int, default=8192)
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "layer_stages.jsonl")
+  a = p.parse_args(argv)
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import gilora_jax as gj  # pylint: disable=import-outside-toplevel
+  from gilora_jax import layer as L  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant.grid import QuantGrid  # pylint: disable=import-outside-toplevel
+
+  load_before = os.getloadavg()[0]
+  W, H = bench.make_layer(a.d, a.n_tokens, a.seed)
+  W, H = jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32)
+  rate = bench.matmul_rate(a.d, a.reps)
+  spec = QuantGrid(bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC)
+  _, Tt, _, _ = L._factor(H, bench.DAMP, None, False, "cholesky")  # pylint: disable=protected-access
+  s = {
+      "checks_s": best(lambda: L._prepare_h(H), a.reps),  # pylint: disable=protected-access
+      "factor_s": best(lambda: L._factor(H, bench.DAMP, None, False, "cholesky"), a.reps),  # pylint: disable=protected-access
+      "sweep_s": best(lambda: L._gptq(W, Tt, None, W, spec, True, bench.BLOCK_SIZE), a.reps),  # pylint: disable=protected-access
+      "quantize_layer_s": best(lambda: gj.quantize_layer(
+          W, H, method="gptq", bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC,
+          damp=bench.DAMP, block_size=bench.BLOCK_SIZE, diagnostics=False).codes, a.reps),
+  }
+  d = a.d
+  rec = {"bench": "layer_stages", "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "d": d,
+         "n_tokens": a.n_tokens, "reps": a.reps, "matmul_gflops": rate / 1e9, **s,
+         # Cholesky d³/3 flops; the sweep's lazy updates ≈ d_in² d_out (the roofline of layer.py counts d³ + ⅔d³)
+         "factor_gflops": d ** 3 / 3 / s["factor_s"] / 1e9, "sweep_gflops": d ** 3 / s["sweep_s"] / 1e9,
+         "own_floor_s": (d ** 3 + d ** 3 / 3) / rate, "roofline_s": (d ** 3 + 2 * d ** 3 / 3) / rate,
+         "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0], **bench.machine_facts()}
+  for k, v in s.items():
+    bench.log(f"{k[:-2]:16s} {v * 1e3:8.1f} ms")
+  bench.log(f"factor at {rec['factor_gflops']:.0f} Gflop/s, sweep at {rec['sweep_gflops']:.0f} Gflop/s; "
+            f"matmul {rate / 1e9:.0f} Gflop/s")
+  print(json.dumps(rec))
+  a.out.parent.mkdir(parents=True, exist_ok=True)
+  with a.out.open("a") as f:
+    f.write(json.dumps(rec) + "\n")
+  return rec
+
+
+if __name__ == "__main__":
+  main()
