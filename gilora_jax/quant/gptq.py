@@ -196,21 +196,31 @@ def gptq(
         W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
         Mmt = lax.dynamic_slice(Mbt, (m0, m0), (b, b))
 
+        if lazy:
+          scale, zero, first = cur
+          scale_m, zero_m = scale[None, :], zero[None, :]  # one grid for the b rows
+        else:  # the (b, d_out) grid rows of these b rows
+          k = lax.dynamic_slice_in_dim(row_group, sa + i1 + m0, b)
+          scale_m, zero_m = grid.scales[k], grid.zeros[k]
+        rows = jnp.arange(b)[:, None]
+
         def row(Wm, j):
+          # One elementwise kernel per row (XLA:CPU pays a few µs per kernel launch, and a sweep has d_in rows):
+          # round row j, pass its residual to the later rows, and keep its code in row j, which is not read again.
           w = Wm[j]
           if lazy:
-            scale, zero, first = cur
             # A group's first row is rounded as the very values its grid was fitted on (equal to w̃ up to
             # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
             w = jnp.where(starts & (j == 0), first, w)
+            s, z = scale, zero
           else:
-            k = row_group[sa + i1 + m0 + j]
-            scale, zero = grid.scales[k], grid.zeros[k]
-          c = grid_lib.quantize_rows(w, scale, zero, maxq)
-          D = W0m[j] - grid_lib.dequantize_rows(c, scale, zero)
-          return Wm + Mmt[:, j][:, None] * D[None, :], (c, D)  # Mmt[:j+1, j] == 0: only later rows move
+            s, z = scale_m[j], zero_m[j]
+          c = grid_lib.quantize_rows(w, s, z, maxq)
+          D = W0m[j] - grid_lib.dequantize_rows(c, s, z)
+          return jnp.where(rows == j, c[None, :], Wm + Mmt[:, j][:, None] * D[None, :]), None  # Mmt[:j+1, j] = 0
 
-        _, (c, D) = lax.scan(row, Wm, jnp.arange(b))
+        c, _ = lax.scan(row, Wm, jnp.arange(b))  # row j of the carry ends as row j's codes
+        D = W0m - grid_lib.dequantize_rows(c, scale_m, zero_m)
         # Rows of the block after this micro-block (rows before it are unaffected: M is upper-triangular).
         Wb = Wb + jnp.matmul(lax.dynamic_slice_in_dim(Mbt, m0, b, axis=1), D, precision=HIGHEST)
         return Wb, (c, D)
