@@ -19,9 +19,10 @@ Blocking. The rows are cut into a few static segments, each segment into blocks 
 micro-blocks of b. A segment's rows first receive every earlier segment's residuals in one long-K matmul
 (*left-looking*: ``Mt[seg, :start] @ D[:start]``, the shape CPUs and GPUs run fastest, ≈ d_in² d_out flops in
 all); a block receives the earlier blocks of its segment the same way (one ``B × segment`` matmul, the
-not-yet-swept part of ``D`` still zero); inside a block, a ``lax.scan`` applies the rank-1 updates to the b
-(cache-resident) rows of a micro-block, and one matmul carries its residuals to the rest of the block. The
-result does not depend on B, b or the segments (tests check this in float64).
+not-yet-swept part of ``D`` still zero); a micro-block receives the earlier micro-blocks of its block the same
+way (one ``b × B`` matmul), and a ``lax.scan`` then rounds its b (cache-resident) rows one by one with rank-1
+updates, one elementwise kernel per row. Every level is left-looking, so each matmul writes only the rows about
+to be swept. The result does not depend on B, b or the segments (tests check this in float64).
 
 Group-wise grids are fitted *lazily*, when their first row a is reached, on the group's rows as the OBS
 updates of rows < a leave them (what the reference sees when group_size divides block_size; its
@@ -120,7 +121,7 @@ def gptq(
       groups; ``None`` fits per-channel grids on W up front, or group grids lazily during the sweep.
     row_group: (d_in,) int32, the group each row of W reads from ``grid`` (default ``t // group_size``).
     block_size: rows per lazy-batch block (does not change the result).
-    micro_block: rows per rank-1-update micro-block inside a block (does not change the result).
+    micro_block: rows per micro-block, swept with rank-1 updates (does not change the result).
     num_segments: static row segments of the left-looking lazy update (does not change the result).
     transposed: T is given as its transpose ``Tᵀ`` (lower-triangular; ``hessian.factor(..., transpose=True)``),
       which saves a d_in² transposition.
@@ -191,8 +192,14 @@ def gptq(
         cur = lax.cond((sa + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
             current(g), lax.dynamic_slice_in_dim(W0_seg, i1, g), P_all[(sa + i1) // g], spec), lambda: cur)
 
-      def micro(Wb, m0, cur, starts):
-        Wm = lax.dynamic_slice_in_dim(Wb, m0, b)
+      def rows_now(Dblk, r0, r):  # rows r0..r0+r of the block with the residuals of this block's earlier rows
+        if r == B:  # r0 == 0: nothing of this block swept yet
+          return Wb
+        Mr = lax.dynamic_slice_in_dim(Mbt, r0, r)
+        return lax.dynamic_slice_in_dim(Wb, r0, r) + jnp.matmul(Mr, Dblk, precision=HIGHEST)
+
+      def micro(Dblk, m0, cur, starts):
+        Wm = rows_now(Dblk, m0, b)
         W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
         Mmt = lax.dynamic_slice(Mbt, (m0, m0), (b, b))
 
@@ -221,25 +228,24 @@ def gptq(
 
         c, _ = lax.scan(row, Wm, jnp.arange(b))  # row j of the carry ends as row j's codes
         D = W0m - grid_lib.dequantize_rows(c, scale_m, zero_m)
-        # Rows of the block after this micro-block (rows before it are unaffected: M is upper-triangular).
-        Wb = Wb + jnp.matmul(lax.dynamic_slice_in_dim(Mbt, m0, b, axis=1), D, precision=HIGHEST)
-        return Wb, (c, D)
+        return lax.dynamic_update_slice_in_dim(Dblk, D, m0, 0), c
 
       if lazy and g <= B:
-        def group(Wb, k0):  # groups inside the block: fit at the group's first row, then its micro-blocks
-          cur = _fit_group(lax.dynamic_slice_in_dim(Wb, k0, g), lax.dynamic_slice_in_dim(W0b, k0, g),
+        def group(Dblk, k0):  # groups inside the block: fit at the group's first row, then its micro-blocks
+          cur = _fit_group(rows_now(Dblk, k0, g), lax.dynamic_slice_in_dim(W0b, k0, g),
                            P_all[(sa + i1 + k0) // g], spec)
-          Wb, (c, D) = lax.scan(lambda Wb, m: micro(Wb, k0 + m, cur, m == 0), Wb, jnp.arange(0, g, b))
-          return Wb, (c, D, cur[0], cur[1])
+          Dblk, c = lax.scan(lambda Dblk, m: micro(Dblk, k0 + m, cur, m == 0), Dblk, jnp.arange(0, g, b))
+          return Dblk, (c, cur[0], cur[1])
 
-        _, outs = lax.scan(group, Wb, jnp.arange(0, B, g))
+        Dblk, (c, sc, ze) = lax.scan(group, jnp.zeros_like(Wb), jnp.arange(0, B, g))
+        outs = (c, Dblk, sc, ze)
       else:
         starts = ((sa + i1) % g == 0) if lazy else False
-        _, outs = lax.scan(lambda Wb, m0: micro(Wb, m0, cur, starts & (m0 == 0)), Wb, jnp.arange(0, B, b))
-        if lazy:
-          outs = outs + (cur[0][None], cur[1][None])
+        Dblk, c = lax.scan(lambda Dblk, m0: micro(Dblk, m0, cur, starts & (m0 == 0)), jnp.zeros_like(Wb),
+                           jnp.arange(0, B, b))
+        outs = (c, Dblk) + ((cur[0][None], cur[1][None]) if lazy else ())
       # Lazy batch: later blocks of the segment read this block's residuals (left-looking, in `current`).
-      D_seg = lax.dynamic_update_slice_in_dim(D_seg, outs[1].reshape(B, d_out), i1, 0)
+      D_seg = lax.dynamic_update_slice_in_dim(D_seg, Dblk, i1, 0)
       return (D_seg, cur), outs
 
     (D_seg, _), outs = lax.scan(block, (jnp.zeros_like(W0_seg), (ones, ones, ones)), jnp.arange(0, sb - sa, B))
