@@ -162,8 +162,8 @@ def gptq(
     if not lazy:
       row_group = jnp.pad(row_group, (0, pad))  # group 0's grid contains 0, so zero rows round to zero
 
-  # Micro-blocks of b rows inside each block: the rank-1 updates touch only b rows (cache-resident), and one
-  # (B × b) @ (b × d_out) matmul per micro-block carries its residuals to the rest of the block.
+  # Micro-blocks of b rows inside each block: their rows are swept with rank-1 updates of only b (cache-resident)
+  # rows, after one (b × B) @ (B × d_out) matmul brings in the block's earlier micro-blocks.
   b = math.gcd(micro_block, B)
   if lazy and g <= B:
     b = math.gcd(b, g)  # groups start on micro-block boundaries
@@ -237,13 +237,12 @@ def gptq(
           Dblk, c = lax.scan(lambda Dblk, m: micro(Dblk, k0 + m, cur, m == 0), Dblk, jnp.arange(0, g, b))
           return Dblk, (c, cur[0], cur[1])
 
-        Dblk, (c, sc, ze) = lax.scan(group, jnp.zeros_like(Wb), jnp.arange(0, B, g))
-        outs = (c, Dblk, sc, ze)
+        Dblk, outs = lax.scan(group, jnp.zeros_like(Wb), jnp.arange(0, B, g))
       else:
         starts = ((sa + i1) % g == 0) if lazy else False
         Dblk, c = lax.scan(lambda Dblk, m0: micro(Dblk, m0, cur, starts & (m0 == 0)), jnp.zeros_like(Wb),
                            jnp.arange(0, B, b))
-        outs = (c, Dblk) + ((cur[0][None], cur[1][None]) if lazy else ())
+        outs = (c,) + ((cur[0][None], cur[1][None]) if lazy else ())
       # Lazy batch: later blocks of the segment read this block's residuals (left-looking, in `current`).
       D_seg = lax.dynamic_update_slice_in_dim(D_seg, Dblk, i1, 0)
       return (D_seg, cur), outs
@@ -253,8 +252,8 @@ def gptq(
       D_all = D_all.at[sa:sb].set(D_seg)
     out_codes.append(outs[0].reshape(sb - sa, d_out))
     if lazy:  # one (scale, zero) per group (g ≤ B) or per block (g > B, a group spans g / B blocks)
-      out_scale.append(outs[2].reshape(-1, d_out))
-      out_zero.append(outs[3].reshape(-1, d_out))
+      out_scale.append(outs[1].reshape(-1, d_out))
+      out_zero.append(outs[2].reshape(-1, d_out))
 
   codes = jnp.concatenate(out_codes)[:d_in]
   if lazy:
