@@ -158,16 +158,7 @@ def _prepare_h(H):
   return dead, jnp.mean(jnp.where(dead, 1.0, diag)), checks
 
 
-@jax.jit
-def _fix_dead_h(H, dead):
-  return H + jnp.diag(dead.astype(H.dtype))
-
-
-@jax.jit
-def _zero_dead_rows(W, dead):
-  return jnp.where(dead[:, None], 0.0, W)
-
-
+_fix_dead = jax.jit(hessian.fix_dead)
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
 
 
@@ -253,14 +244,15 @@ def _rtn(W, spec: QuantGrid):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "rank", "diagnostics"))
-def _compensate(W, Wz, H, Hf, Q, ih, damp, method: str, rank: int, diagnostics: bool):
-  """The method's own low-rank term for the quantized part Q, and the pre-refinement errors."""
+def _compensate(W, Wz, H, Hf, Q, ih, damp, Tt, method: str, rank: int, diagnostics: bool):
+  """The method's own low-rank term for the quantized part Q, and the pre-refinement errors (``Tt``: the sweep's
+  factor of the same damped H when there is one, so OLrC does not factor it again)."""
   Hd = _damped(Hf, damp)
   E = Wz - Q
   if method == "gptq+lorc":
     lr = lowrank.lorc(E, rank)
   elif method == "gptq+olrc":
-    lr, _ = lowrank.olrc(E, Hd, rank)
+    lr, _ = lowrank.olrc(E, Hd, rank, T=_upper(Tt))
   elif method == "gilora":
     lr = lowrank.LowRank(ih.V, intrinsic.ridge_r(ih, E))
   else:
@@ -277,19 +269,24 @@ def _damped(H, damp):
   return H + hessian.damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
 
 
+def _upper(Tt):
+  return None if Tt is None else Tt.T
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size"))
-def _refine(Wz, codes, grid, Hf, damp, spec: QuantGrid, rank: int, loops: int, order: str, deflated: bool,
+def _refine(Wz, codes, grid, Hf, damp, Tt, spec: QuantGrid, rank: int, loops: int, order: str, deflated: bool,
             block_size: int):
   """``loops`` × [OLrC → Bid-Up] then OLrC; returns codes, Q, (L, R) and the objective after every step."""
   trace = []
   Hd = _damped(Hf, damp)
+  T = _upper(Tt)
 
   def objective(Q, lr):
     return lowrank.objective(Wz - Q - _mm(lr.L, lr.R), Hd)
 
   Q = grid_lib.dequantize(codes, grid, spec)
   for _ in range(loops):  # loops is small (Paper A: 1–2) and static; each iteration is two exact block steps
-    lr, _ = lowrank.olrc(Wz - Q, Hd, rank)
+    lr, _ = lowrank.olrc(Wz - Q, Hd, rank, T=T)
     trace.append(objective(Q, lr))
     if deflated:
       HS, P = bidup_lib.deflated_hessian(Hd, lr.L)
@@ -300,7 +297,7 @@ def _refine(Wz, codes, grid, Hf, damp, spec: QuantGrid, rank: int, loops: int, o
       codes = bidup_lib.bidup(Wz - _mm(lr.L, lr.R), codes, grid, Hd, spec, order=order, block_size=block_size)
       Q = grid_lib.dequantize(codes, grid, spec)
     trace.append(objective(Q, lr))
-  lr, _ = lowrank.olrc(Wz - Q, Hd, rank)
+  lr, _ = lowrank.olrc(Wz - Q, Hd, rank, T=T)
   trace.append(objective(Q, lr))
   return codes, Q, lr, jnp.stack(trace)
 
@@ -380,12 +377,14 @@ def _factor_with_escalation(H, damp: float, cfg: LayerConfig):
 
 
 def _gptq_stage(W, Wz, H, damp, cfg: LayerConfig, cache: HessianCache):
-  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, Q, gilora's parts, damp used."""
+  """GPTQ (or its gilora variant) with damping escalation; returns codes, grid, Q, gilora's parts, damp used,
+  and the transposed factor of ``H + λI`` in the original row order (None for gilora's deflated H or act-order's
+  permuted one), which OLrC can reuse."""
   key = ("factor", damp, cfg.rank if cfg.method == "gilora" else None, cfg.act_order, cfg.factor)
   aux, T, perm, damp = cache.get(key, lambda: _factor_with_escalation(H, damp, cfg))
   lazy = cfg.group_size is not None and not (cfg.act_order or cfg.static_groups)
   codes, grid, Q = _gptq(Wz, T, perm, W, cfg.spec, lazy, cfg.block_size)
-  return codes, grid, Q, aux, damp
+  return codes, grid, Q, aux, damp, (T if perm is None and aux is None else None)
 
 
 def quantize_layer(
@@ -458,15 +457,14 @@ def quantize_layer(
   cache.bind(H)
   dead, mean_diag, checks = cache.get(("prepare",), lambda: _prepare_h(H))
   _check_data(H, W, checks)
-  # Dead features (H_ii = 0): H_ii ← 1 and W_i ← 0, as the reference (``hessian.fix_dead``); no copies otherwise.
-  any_dead = bool(jnp.any(dead))
-  Hf = cache.get(("fix_dead",), lambda: _fix_dead_h(H, dead)) if any_dead else H
-  Wz = _zero_dead_rows(W, dead) if any_dead else W
+  # Dead features (H_ii = 0): H_ii ← 1 and W_i ← 0, as the reference; no copies of H and W when there are none.
+  Hf, Wz = (_fix_dead(H, W)[:2]) if bool(jnp.any(dead)) else (H, W)
   mean_diag = float(mean_diag)
   info: dict[str, Any] = {"method": method, "bits": bits, "rank": r, "group_size": group_size}
 
   ih = None
   srr_k = None
+  Tt = None  # the factor of H + λI, when a GPTQ sweep made one
   if cfg.method == "rtn":
     codes, grid, Q = _rtn(Wz, spec)
   elif cfg.method == "srr":
@@ -476,12 +474,12 @@ def quantize_layer(
     if cfg.srr_quantizer == "rtn":
       codes, grid, Q = _rtn(Wres, spec)
     else:
-      codes, grid, Q, _, damp = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"), cache)
+      codes, grid, Q, _, damp, Tt = _gptq_stage(Wres, Wres, Hf, damp, dataclasses.replace(cfg, method="gptq"), cache)
     srr_k = int(k)
   else:
-    codes, grid, Q, ih, damp = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
+    codes, grid, Q, ih, damp, Tt = _gptq_stage(W, Wz, Hf, damp, cfg, cache)
 
-  lr, stats = _compensate(W, Wz, H, Hf, Q, ih, damp, "rtn" if cfg.method == "srr" else cfg.method, r,
+  lr, stats = _compensate(W, Wz, H, Hf, Q, ih, damp, Tt, "rtn" if cfg.method == "srr" else cfg.method, r,
                           cfg.diagnostics)
   if cfg.method == "srr":
     lr = _srr_reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec, r)
@@ -493,8 +491,8 @@ def quantize_layer(
         stats["rel_err_method"])
   if refine:
     Q0, lr0 = Q, lr
-    codes, Q, lr, trace = _refine(Wz, codes, grid, Hf, damp, spec, r, cfg.loops, cfg.bidup_order, cfg.bidup_deflated,
-                                  cfg.block_size)
+    codes, Q, lr, trace = _refine(Wz, codes, grid, Hf, damp, Tt, spec, r, cfg.loops, cfg.bidup_order,
+                                  cfg.bidup_deflated, cfg.block_size)
     if cfg.diagnostics:  # the damped objective before refinement, then after every exact block step
       start = float(stats["objective"]) if cfg.method != "srr" else float(_objective(Wz, Q0, lr0, Hf, damp))
       objective = [start] + [float(v) for v in trace]
