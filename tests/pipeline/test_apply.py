@@ -133,3 +133,12 @@ def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
   ids = jnp.asarray(lm_calib[0].inputs)
   np.testing.assert_array_equal(np.asarray(qwen3.forward(full.model, ids)), np.asarray(qwen3.forward(resumed.model,
                                                                                                        ids)))
+
+
+def test_quant_config_json_round_trip():
+  """What a checkpoint's metadata stores (to_json, through JSON text) reads back as the same config."""
+  import json  # pylint: disable=import-outside-toplevel
+  config = apply.QuantConfig(method="gilora", bits=3, rank=8, group_size=32, loops=1,
+                             rules=(apply.Rule(pattern=r".*down_proj", bits=4), apply.Rule(pattern=r".*q_proj", skip=True)),
+                             options=(("mse", True), ("shrink", 0.9)))
+  assert apply.QuantConfig.from_json(json.loads(json.dumps(config.to_json()))) == config

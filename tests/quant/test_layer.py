@@ -1,6 +1,7 @@
 """quantize_layer's contract: bad input gets a ValueError that names the fix; damping escalates, then fails."""
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -104,3 +105,25 @@ def test_hessian_cache_shares_site_work_and_changes_nothing():
   assert sum(k[0] == "factor" for k in cache._memo) == 1  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="one cache per input site"):
     gj.quantize_layer(W[:24], H[:24, :24], method="gptq", bits=3, hessian_cache=cache)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("loops, damped", [(0, False), (1, False), (0, True)])
+def test_olrc_reusing_the_sweep_factor_is_still_optimal(loops, damped, caplog):
+  """A wide layer (d_out > d_in) takes OLrC's input-side route, which reuses GPTQ's factor of H + λI (also after
+  a damping escalation): L R must still be the exact optimum for the final Q."""
+  from gilora_jax.quant import lowrank  # pylint: disable=import-outside-toplevel
+  W, _, H = problems.layer(seed=4, d_in=24, d_out=40, n=300)
+  if damped:  # indefinite (diagonal kept ≥ 0): the factor is made with an escalated damping
+    v = np.zeros(24)
+    v[:2] = 1.0
+    H = H - 1.5 * np.mean(np.diag(H)) * np.outer(v, v)
+    H[0, 0] = H[1, 1] = np.mean(np.diag(H))
+  with caplog.at_level(logging.WARNING):
+    res = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=5, loops=loops)
+  assert ("retrying" in caplog.text) == damped
+  Hd = H + res.info["damp"] * np.mean(np.diag(H)) * np.eye(24)
+  E = W - np.asarray(res.Q)
+  _, optimum = lowrank.olrc(jnp.asarray(E), jnp.asarray(Hd), 5)
+  LR = np.asarray(res.L) @ np.asarray(res.R)
+  np.testing.assert_allclose(np.sum((E - LR) * (Hd @ (E - LR))), float(optimum), rtol=1e-9)
