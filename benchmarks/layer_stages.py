@@ -66,6 +66,7 @@ def main(argv=None):
          # Cholesky d³/3 flops; the sweep's lazy updates ≈ d_in² d_out (the roofline of layer.py counts d³ + ⅔d³)
          "factor_gflops": d ** 3 / 3 / s["factor_s"] / 1e9, "sweep_gflops": d ** 3 / s["sweep_s"] / 1e9,
          "own_floor_s": (d ** 3 + d ** 3 / 3) / rate, "roofline_s": (d ** 3 + 2 * d ** 3 / 3) / rate,
+         "gilora_commit": bench._git_commit(pathlib.Path(gj.__file__).parent),  # pylint: disable=protected-access
          "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0], **bench.machine_facts()}
   for k, v in s.items():
     bench.log(f"{k[:-2]:16s} {v * 1e3:8.1f} ms")
