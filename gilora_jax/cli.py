@@ -102,7 +102,7 @@ def cmd_quantize_example(a: argparse.Namespace) -> int:
   print(f"built-in example layer: W {W.shape[0]}×{W.shape[1]}, {a.bits}-bit, rank {a.rank}"
         f"{'' if a.group_size is None else f', group {a.group_size}'}", file=sys.stderr)
   print(f"{'method':<15}{'rel_err':>10}{'upper bound':>13}{'lower est.':>12}{'seconds':>9}", file=sys.stderr)
-  for label, kw in EXAMPLE_RUNS:
+  for label, kw in EXAMPLE_RUNS:  # no shared HessianCache on purpose: each row's seconds include the H work
     res = gj.quantize_layer(W, H, **{**_quant_kwargs(a), "loops": 0, **kw})
     i = res.info
     print(f"{label:<15}{i['rel_err']:>10.5f}{i['upper_bound']:>13.5f}{i['lower_estimate']:>12.2e}"
