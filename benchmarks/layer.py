@@ -35,8 +35,23 @@ def parse_args(argv=None):
   p.add_argument("--torch-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
                  help="torch thread counts to time llm-compressor with; llmc_s is the best (default: cores and 1)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
+                 help="gilora_jax.runtime.tune_cpu_malloc() at start, as the gilora command does; it applies to the "
+                 "whole process, i.e. to llm-compressor too (default on; --no-malloc-tuning: glibc's defaults)")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "layer.jsonl")
   return p.parse_args(argv)
+
+
+def tune_malloc(enabled):
+  """gilora_jax.runtime.tune_cpu_malloc() before any JAX or torch work (same policy for both); returns whether it
+  is in effect (False when off, not on glibc, or when gilora_jax is not importable)."""
+  if not enabled:
+    return False
+  try:
+    from gilora_jax import runtime  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return runtime.tune_cpu_malloc()
 
 
 def log(msg):
@@ -230,6 +245,8 @@ def main(argv=None):
   if a.d % GROUP_SIZE:
     raise SystemExit(f"--d must be a multiple of {GROUP_SIZE}")
   t_all, load_before = time.perf_counter(), os.getloadavg()[0]
+  malloc_tuned = tune_malloc(a.malloc_tuning)
+  log(f"malloc tuning {'on' if malloc_tuned else 'off'}")
   log(f"building the layer: d={a.d}, n_tokens={a.n_tokens}, seed={a.seed}")
   W, H = make_layer(a.d, a.n_tokens, a.seed)
 
@@ -247,7 +264,7 @@ def main(argv=None):
       "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "d_in": a.d, "d_out": a.d, "n_tokens": a.n_tokens, "seed": a.seed,
       "bits": BITS, "group_size": GROUP_SIZE, "symmetric": SYMMETRIC, "damp": DAMP, "block_size": BLOCK_SIZE,
-      "matmul_gflops": rate / 1e9, "roofline_s": roofline_s,
+      "matmul_gflops": rate / 1e9, "roofline_s": roofline_s, "malloc_tuned": malloc_tuned,
       "ours_first_s": None, "ours_warm_s": None, "ours_over_roofline": None,
       "llmc_s": None, "llmc_over_ours": None,
       "ours_rel_err": None, "llmc_rel_err": None, "err_ratio_ours_over_llmc": None,

@@ -39,8 +39,11 @@ def main(argv=None):
   p.add_argument("--n-tokens", type=int, default=8192)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
+                 help="gilora_jax.runtime.tune_cpu_malloc() first, as layer.py and the gilora command (default on)")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "layer_stages.jsonl")
   a = p.parse_args(argv)
+  malloc_tuned = bench.tune_malloc(a.malloc_tuning)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import gilora_jax as gj  # pylint: disable=import-outside-toplevel
   from gilora_jax import layer as L  # pylint: disable=import-outside-toplevel
@@ -62,7 +65,7 @@ def main(argv=None):
   }
   d = a.d
   rec = {"bench": "layer_stages", "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "d": d,
-         "n_tokens": a.n_tokens, "reps": a.reps, "matmul_gflops": rate / 1e9, **s,
+         "n_tokens": a.n_tokens, "reps": a.reps, "malloc_tuned": malloc_tuned, "matmul_gflops": rate / 1e9, **s,
          # Cholesky d³/3 flops; the sweep's lazy updates ≈ d_in² d_out (the roofline of layer.py counts d³ + ⅔d³)
          "factor_gflops": d ** 3 / 3 / s["factor_s"] / 1e9, "sweep_gflops": d ** 3 / s["sweep_s"] / 1e9,
          "own_floor_s": (d ** 3 + d ** 3 / 3) / rate, "roofline_s": (d ** 3 + 2 * d ** 3 / 3) / rate,

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from gilora_jax import runtime
+
 log = logging.getLogger("gilora")
 
 
@@ -462,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.set_defaults(func=cmd_generate)
   a = parser.parse_args(argv)
+  # Before the first JAX computation: XLA's per-call buffers then stop page-faulting (gilora_jax/runtime.py).
+  runtime.tune_cpu_malloc()
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
   for name in ("gilora", "gilora_jax"):  # our one line per layer; orbax/absl stay at WARNING
     logging.getLogger(name).setLevel(logging.INFO)

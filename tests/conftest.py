@@ -3,6 +3,9 @@ import os
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads for tiny problems.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The gilora command tunes glibc malloc for the whole process (gilora_jax/runtime.py); keep pytest's own process
+# (and the CLI subprocesses it starts) on the defaults. tests/test_runtime.py checks the tuning in a subprocess.
+os.environ.setdefault("GILORA_MALLOC_TUNING", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,6 +17,7 @@ def _load(name="layer"):
 def test_layer_bench_smoke(tmp_path):
   out = tmp_path / "layer.jsonl"
   rec = _load().main(["--d", "256", "--n-tokens", "512", "--reps", "1", "--no-peer", "--out", str(out)])
+  assert rec["malloc_tuned"] is False  # GILORA_MALLOC_TUNING=0 (tests/conftest.py): the pytest process is left alone
   assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(rec))
   assert rec["ours_warm_s"] > 0 and rec["roofline_s"] > 0
   # GPTQ must beat round-to-nearest on the layer output by a wide margin on this correlated, heavy-tailed X.

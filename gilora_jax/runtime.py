@@ -1,0 +1,79 @@
+"""Process-level settings that make CPU runs of the math layer faster (nothing here changes a result).
+
+``tune_cpu_malloc``: XLA:CPU allocates every output and one scratch block per call with ``malloc``. glibc serves
+blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns them with ``munmap`` on free,
+so each call of a jitted stage on a 4096-wide layer touches a few hundred MiB of new pages: ~0.1 M page faults,
+each zeroing a 4 KiB page in the kernel, on the critical path of the call. On a 2-core box that was about 0.3 s
+of a 1.5 s ``quantize_layer(method="gptq")`` on a 4096² layer (``benchmarks/layer.py --no-malloc-tuning`` shows
+it). With one malloc arena, no mmap'd blocks and no trimming, freed blocks stay in the heap and the next call
+reuses them: no page faults after the first call.
+
+The cost: the process keeps its peak heap (freed memory is reused, not returned to the OS), and all threads
+share one arena (more lock contention for heavily multi-threaded small allocations). Quantization jobs hold
+their peak anyway. The ``gilora`` command and the benchmarks call it; library users may call it first thing
+(before the first JAX computation, so that XLA's worker threads are created under the new arena policy) or set
+the equivalent environment variables ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters (glibc malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free top-of-heap kept (2 GiB)
+
+# Environment variables through which a user has already chosen a malloc policy: we then leave it alone.
+_USER_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                    "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+OPT_OUT_ENV = "GILORA_MALLOC_TUNING"
+
+_applied: bool | None = None
+
+
+def tune_cpu_malloc() -> bool:
+  """Keeps freed large blocks in glibc's heap so jitted calls stop page-faulting (see the module docstring).
+
+  Returns True when the policy is in effect (now or from an earlier call), False when it was not applied: not
+  Linux with glibc, ``GILORA_MALLOC_TUNING=0`` in the environment, a malloc policy already chosen through the
+  environment (``MALLOC_*``, ``GLIBC_TUNABLES``, an ``LD_PRELOAD``-ed allocator), or ``mallopt`` refused.
+  Idempotent; it never raises.
+  """
+  global _applied  # pylint: disable=global-statement
+  if _applied is not None:
+    return _applied
+  _applied = False
+  if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    log.debug("malloc tuning off (%s=%s)", OPT_OUT_ENV, os.environ[OPT_OUT_ENV])
+    return False
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    return False
+  chosen = [k for k in _USER_MALLOC_ENV if os.environ.get(k)]
+  if chosen:
+    log.debug("malloc tuning skipped: the environment already sets %s", ", ".join(chosen))
+    return False
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+    ok = all(libc.mallopt(param, value) == 1 for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+  except (OSError, AttributeError) as e:
+    log.debug("malloc tuning unavailable: %s", e)
+    return False
+  if ok and "jax" in sys.modules:
+    try:
+      from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+      started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a private API: only for the hint below
+      started = False
+    if started:
+      log.info("malloc tuning applied after JAX started its backend: threads that already allocated keep their "
+               "own arenas; call gilora_jax.runtime.tune_cpu_malloc() before the first JAX computation.")
+  _applied = ok
+  return ok
