@@ -220,21 +220,36 @@ def _factor(H, damp, deflate_rank: int | None, act_order: bool, method: str):
   return ih, Tt, perm, ok
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "lazy", "block_size"))
 def _gptq(W, Tt, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
-  """GPTQ codes in the original row order, the grid and Q (``Tt``: the transposed factor, in sweep order)."""
-  d_in = W.shape[0]
+  """GPTQ codes in the original row order, the grid and Q (``Tt``: the transposed factor, in sweep order).
+
+  Not jitted as a whole: ``gptq_lib.gptq`` is a driver whose segments share one compiled sweep (a single traced
+  graph would compile every segment separately); the steps around it are jitted on their own.
+  """
   gptq = functools.partial(gptq_lib.gptq, block_size=block_size, transposed=True)
   if lazy:
     return gptq(W, Tt, spec)
-  # As the reference: per-channel grids come from W as given, static group grids from W with dead rows zeroed.
+  grid, W_sweep, row_group = _fixed_grid_in_order(W, W_grid, perm, spec)
+  codes, _, Q = gptq(W_sweep, Tt, spec, grid=grid, row_group=row_group)
+  if perm is not None:
+    codes, Q = _unpermute(codes, Q, perm)
+  return codes, grid, Q
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _fixed_grid_in_order(W, W_grid, perm, spec: QuantGrid):
+  """Grids fixed up front and the rows in sweep order. As the reference: per-channel grids come from W as given,
+  static group grids from W with dead rows zeroed."""
   grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
+  row_group = grid_lib.contiguous_row_group(W.shape[0], spec)
   if perm is None:
-    codes, _, Q = gptq(W, Tt, spec, grid=grid)
-    return codes, grid, Q
-  row_group = grid_lib.contiguous_row_group(d_in, spec)[perm]
-  codes_p, _, Q_p = gptq(W[perm], Tt, spec, grid=grid, row_group=row_group)
-  return jnp.zeros_like(codes_p).at[perm].set(codes_p), grid, jnp.zeros_like(Q_p).at[perm].set(Q_p)
+    return grid, W, row_group
+  return grid, W[perm], row_group[perm]
+
+
+@jax.jit
+def _unpermute(codes_p, Q_p, perm):
+  return jnp.zeros_like(codes_p).at[perm].set(codes_p), jnp.zeros_like(Q_p).at[perm].set(Q_p)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -18,11 +18,20 @@ tests compare against a float64 NumPy port of IST-DASLab ``fasterquant``), but t
 Blocking. The rows are cut into a few static segments, each segment into blocks of B, each block into
 micro-blocks of b. A segment's rows first receive every earlier segment's residuals in one long-K matmul
 (*left-looking*: ``Mt[seg, :start] @ D[:start]``, the shape CPUs and GPUs run fastest, ≈ d_in² d_out flops in
-all); a block receives the earlier blocks of its segment the same way (one ``B × segment`` matmul, the
-not-yet-swept part of ``D`` still zero); a micro-block receives the earlier micro-blocks of its block the same
-way (one ``b × B`` matmul), and a ``lax.scan`` then rounds its b (cache-resident) rows one by one with rank-1
-updates, one elementwise kernel per row. Every level is left-looking, so each matmul writes only the rows about
-to be swept. The result does not depend on B, b or the segments (tests check this in float64).
+all); a block receives the earlier blocks of its segment the same way (the segment's blocks are unrolled, so
+K is exactly the block's offset); a micro-block receives the earlier micro-blocks of its block the same way
+(one ``b × B`` matmul, the not-yet-swept rows of the block's ``D`` still zero), and a ``lax.scan`` then rounds
+its b (cache-resident) rows one by one with rank-1 updates, one elementwise kernel per row. Every level is
+left-looking, so each matmul writes only the rows about to be swept. The result does not depend on B, b or the
+segments (tests check this in float64).
+
+Execution. ``gptq`` is a driver over jitted stages rather than one traced graph: one compiled ``_segment``
+serves every segment of the same size (its start is a traced argument), where a single graph would compile
+each segment's sweep anew (the first call on a 4096² layer took 5.4–5.8 s that way, 3.3–3.7 s this way, on
+a 2-core CPU). The residuals go into one (d_in, d_out) buffer that each segment's sweep updates in place
+(donated), so the left-looking products read a prefix of it with no concatenation. ``Mt`` is never formed: the
+long products read ``Tᵀ`` and scale their rows by ``1/diag(T)`` afterwards, and each segment forms its own
+diagonal block. Under an outer ``jit`` (``vmap``, ``grad``) the stages are inlined and nothing changes.
 
 Group-wise grids are fitted *lazily*, when their first row a is reached, on the group's rows as the OBS
 updates of rows < a leave them (what the reference sees when group_size divides block_size; its
@@ -36,7 +45,8 @@ Lingo:
   W (d_in, d_out)   weights (rows = input features), already permuted for act-order
   T (d_in, d_in)    upper-triangular, T Tᵀ = H_λ (``hessian.factor``), in the same row order; the sweep reads
                     its transpose Tt = Tᵀ (``hessian.factor(..., transpose=True)`` returns it without a copy)
-  Mt (d_in, d_in)   strict lower part of Tᵀ with rows scaled by 1 / diag(T): w̃ = w + Mt D
+  Mt (d_in, d_in)   strict lower part of Tᵀ with rows scaled by 1 / diag(T): w̃ = w + Mt D (formed only in
+                    diagonal blocks)
   D (d_in, d_out)   rounding residuals w − q of the original rows
 
 References:
@@ -46,6 +56,7 @@ References:
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -87,7 +98,8 @@ def _obs_maps(Tt: jax.Array, g: int) -> jax.Array:
   sweep (a batch of small triangular solves), so the sweep applies each with one matmul. Reads ``Tt = Tᵀ``.
   """
   n = Tt.shape[0] // g
-  blocks = jnp.stack([Tt[k * g:(k + 1) * g, k * g:(k + 1) * g].T for k in range(n)])  # (G, g, g) blocks of T
+  # (G, g, g) diagonal blocks of T = Ttᵀ, as one gather (a stack of G slices compiles G kernels)
+  blocks = jnp.diagonal(Tt.reshape(n, g, n, g), axis1=0, axis2=2).transpose(2, 1, 0)
   rhs = jnp.diagonal(blocks, axis1=1, axis2=2)[:, :, None] * jnp.eye(g, dtype=Tt.dtype)[None]
   return jax.vmap(lambda Tk, Bk: jax.scipy.linalg.solve_triangular(Tk, Bk, trans="T", lower=False))(blocks, rhs)
 
@@ -97,6 +109,178 @@ def _fit_group(Wt_g, W0_g, P, spec: QuantGrid):
   rows = W0_g + jnp.matmul(P, Wt_g - W0_g, precision=HIGHEST)
   scale, zero = grid_lib.fit_columns(rows, spec)
   return scale, zero, rows[0]
+
+
+def _plan(d_in: int, spec: QuantGrid, block_size: int, micro_block: int, lazy: bool):
+  """Static layout of a sweep: (B, b, unit, n) = block, micro-block, segment unit and padded row count."""
+  B = effective_block_size(spec, block_size, lazy)
+  g = spec.group_size
+  unit = g if (lazy and g > B) else B
+  n = -(-d_in // unit) * unit
+  b = math.gcd(micro_block, B)
+  if lazy and g <= B:
+    b = math.gcd(b, g)  # groups start on micro-block boundaries
+  return B, b, unit, n
+
+
+def _working(W, T, n: int, transposed: bool):
+  """W and Tᵀ in the working dtype, padded to n rows; the arrays as given when they already are (no copy)."""
+  dtype = jnp.promote_types(W.dtype, jnp.float32)  # float32, or float64 under jax_enable_x64
+  if W.dtype == dtype and T.dtype == dtype and transposed and n == W.shape[0]:
+    return W, T
+  return _convert(W, T, n, transposed)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "transposed"))
+def _convert(W, T, n: int, transposed: bool):
+  d_in = W.shape[0]
+  dtype = jnp.promote_types(W.dtype, jnp.float32)
+  W = W.astype(dtype)
+  Tt = T.astype(dtype) if transposed else T.astype(dtype).T  # the sweep reads Tᵀ row by row
+  pad = n - d_in
+  # Padding rows: zero weights, identity Hessian block (no coupling), so they round to 0 and change nothing.
+  if pad:
+    W = jnp.pad(W, ((0, pad), (0, 0)))
+    Tt = jnp.pad(Tt, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n) >= d_in).astype(Tt.dtype)
+  return W, Tt
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "lazy"))
+def _prelude(Tt, spec: QuantGrid, lazy: bool):
+  """``1 / diag(T)`` and the groups' OBS maps (lazy grids only).
+
+  ``Mᵀ = strict_tril(Tᵀ) diag(1/T)`` (w̃ = w + Mᵀ D) is never formed: off the diagonal blocks a left-looking
+  product reads Tᵀ and scales its rows afterwards, and each segment forms its own diagonal block.
+  """
+  P_all = _obs_maps(Tt, spec.group_size) if lazy else None
+  return 1 / jnp.diagonal(Tt), P_all
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "n"))
+def _fixed_grid(W, grid, row_group, spec: QuantGrid, n: int):
+  """The grid given (or per-channel grids fitted on W) and the row → group map, padded to n rows."""
+  d_in = W.shape[0]
+  if grid is None:
+    grid = grid_lib.fit_grid(W.astype(jnp.promote_types(W.dtype, jnp.float32)), spec)
+  row_group = grid_lib.contiguous_row_group(d_in, spec) if row_group is None else row_group
+  return grid, jnp.pad(row_group, (0, n - d_in))  # group 0's grid contains 0, so zero padding rows round to 0
+
+
+@functools.partial(jax.jit, static_argnames=("sa", "sb"))
+def _left(W0, Tt, tinv, D_all, sa: int, sb: int):
+  """Left-looking: rows sa..sb of W plus the residuals of every row before sa, in one long-K matmul."""
+  return W0[sa:sb] + tinv[sa:sb, None] * jnp.matmul(Tt[sa:sb, :sa], D_all[:sa], precision=HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "B", "b", "lazy"), donate_argnames=("D_all",))
+def _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, sa, spec: QuantGrid, B: int, b: int,
+             lazy: bool):
+  """Sweeps the segment of rows sa .. sa + len(Wt_seg) (``Wt_seg``: their targets with every earlier segment's
+  residuals applied): ``D_all`` with the segment's residuals written in (in place: the driver donates it), its
+  codes and (lazy) group grids. Indices below are local to the segment.
+
+  ``sa`` is traced, so one compilation serves every segment of the same size (the driver `gptq` calls it once
+  per segment). The segment's blocks are unrolled, so a block reads exactly the earlier blocks of the segment
+  (K = its offset) instead of a K = segment product masked by zeros.
+  """
+  S, d_out = Wt_seg.shape
+  g = spec.group_size
+  W0_seg = lax.dynamic_slice_in_dim(W0, sa, S)
+  Mt_seg = jnp.tril(lax.dynamic_slice(Tt, (sa, sa), (S, S)), k=-1) * lax.dynamic_slice_in_dim(tinv, sa, S)[:, None]
+  P_seg = lax.dynamic_slice_in_dim(P_all, sa // g, S // g) if lazy else None
+  row_group_seg = None if lazy else lax.dynamic_slice_in_dim(row_group, sa, S)
+  maxq = spec.maxq
+  dtype = Wt_seg.dtype
+  ones = jnp.ones((d_out,), dtype)
+  D_seg = jnp.zeros_like(W0_seg)  # residuals of this segment's rows so far, zero from row i1 on
+  cur = (ones, ones, ones)
+  outs_all = []
+  for i1 in range(0, Wt_seg.shape[0], B):
+
+    def current(rows, i1=i1):  # targets of `rows` rows from i1 on, with the residuals of rows 0..i1 applied
+      if i1 == 0:
+        return Wt_seg[:rows]
+      return Wt_seg[i1:i1 + rows] + jnp.matmul(Mt_seg[i1:i1 + rows, :i1], D_seg[:i1], precision=HIGHEST)
+
+    Wb = current(B)
+    W0b = W0_seg[i1:i1 + B]
+    Mbt = Mt_seg[i1:i1 + B, i1:i1 + B]
+    if lazy and g > B and i1 % g == 0:  # a group spanning several blocks is fitted when its first block starts
+      cur = _fit_group(current(g), W0_seg[i1:i1 + g], P_seg[i1 // g], spec)
+
+    def rows_now(Dblk, r0, r, Wb=Wb, Mbt=Mbt):  # rows r0..r0+r of the block with its earlier rows' residuals
+      if r == B:  # r0 == 0: nothing of this block swept yet
+        return Wb
+      Mr = lax.dynamic_slice_in_dim(Mbt, r0, r)
+      return lax.dynamic_slice_in_dim(Wb, r0, r) + jnp.matmul(Mr, Dblk, precision=HIGHEST)
+
+    def micro(Dblk, m0, cur, starts, i1=i1, W0b=W0b, Mbt=Mbt, rows_now=rows_now):
+      Wm = rows_now(Dblk, m0, b)
+      W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
+      Mmt = lax.dynamic_slice(Mbt, (m0, m0), (b, b))
+
+      if lazy:
+        scale, zero, first = cur
+        scale_m, zero_m = scale[None, :], zero[None, :]  # one grid for the b rows
+      else:  # the (b, d_out) grid rows of these b rows
+        k = lax.dynamic_slice_in_dim(row_group_seg, i1 + m0, b)
+        scale_m, zero_m = grid.scales[k], grid.zeros[k]
+      rows = jnp.arange(b)[:, None]
+
+      def row(Wm, j):
+        # One elementwise kernel per row (XLA:CPU pays a few µs per kernel launch, and a sweep has d_in rows):
+        # round row j, pass its residual to the later rows, and keep its code in row j, which is not read again.
+        w = Wm[j]
+        if lazy:
+          # A group's first row is rounded as the very values its grid was fitted on (equal to w̃ up to
+          # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
+          w = jnp.where(starts & (j == 0), first, w)
+          s, z = scale, zero
+        else:
+          s, z = scale_m[j], zero_m[j]
+        c = grid_lib.quantize_rows(w, s, z, maxq)
+        D = W0m[j] - grid_lib.dequantize_rows(c, s, z)
+        return jnp.where(rows == j, c[None, :], Wm + Mmt[:, j][:, None] * D[None, :]), None  # Mmt[:j+1, j] = 0
+
+      c, _ = lax.scan(row, Wm, jnp.arange(b))  # row j of the carry ends as row j's codes
+      D = W0m - grid_lib.dequantize_rows(c, scale_m, zero_m)
+      return lax.dynamic_update_slice_in_dim(Dblk, D, m0, 0), c
+
+    if lazy and g <= B:
+      def group(Dblk, k0, i1=i1, W0b=W0b, rows_now=rows_now, micro=micro):
+        # groups inside the block: fit at the group's first row, then its micro-blocks
+        cur = _fit_group(rows_now(Dblk, k0, g), lax.dynamic_slice_in_dim(W0b, k0, g), P_seg[(i1 + k0) // g], spec)
+        Dblk, c = lax.scan(lambda Dblk, m: micro(Dblk, k0 + m, cur, m == 0), Dblk, jnp.arange(0, g, b))
+        return Dblk, (c, cur[0], cur[1])
+
+      Dblk, outs = lax.scan(group, jnp.zeros_like(Wb), jnp.arange(0, B, g))
+    else:
+      starts = (i1 % g == 0) if lazy else False
+      Dblk, c = lax.scan(lambda Dblk, m0, cur=cur, starts=starts, micro=micro: micro(
+          Dblk, m0, cur, starts & (m0 == 0)), jnp.zeros_like(Wb), jnp.arange(0, B, b))
+      outs = (c,) + ((cur[0][None], cur[1][None]) if lazy else ())
+    # Lazy batch: later blocks of the segment read this block's residuals (left-looking, in `current`).
+    D_seg = D_seg.at[i1:i1 + B].set(Dblk)
+    outs_all.append(outs)
+  codes = jnp.concatenate([o[0].reshape(-1, d_out) for o in outs_all]).astype(jnp.uint8)
+  D_all = lax.dynamic_update_slice_in_dim(D_all, D_seg, sa, 0)
+  if not lazy:
+    return D_all, codes, None, None
+  # one (scale, zero) per group (g ≤ B) or per block (g > B: a group spans g / B blocks)
+  return (D_all, codes, jnp.concatenate([o[1].reshape(-1, d_out) for o in outs_all]),
+          jnp.concatenate([o[2].reshape(-1, d_out) for o in outs_all]))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "d_in", "step", "lazy"))
+def _epilogue(codes, scales, zeros, grid, row_group, spec: QuantGrid, d_in: int, step: int, lazy: bool):
+  """Codes in (d_in, d_out), the grid (G, d_out) and the dequantized Q."""
+  codes = jnp.concatenate(codes)[:d_in]
+  if lazy:
+    G = d_in // spec.group_size
+    grid = Grid(jnp.concatenate(scales)[::step][:G], jnp.concatenate(zeros)[::step][:G])
+    row_group = grid_lib.contiguous_row_group(d_in, spec)
+  Q = grid_lib.dequantize(codes, grid, spec, row_group[:d_in])
+  return codes, grid, Q
 
 
 def gptq(
@@ -136,130 +320,27 @@ def gptq(
     >>> codes, g, Q = gptq(W, T, QuantGrid(bits=2))
   """
   d_in, d_out = W.shape
-  dtype = jnp.promote_types(W.dtype, jnp.float32)  # float32, or float64 under jax_enable_x64
-  W = W.astype(dtype)
-  Tt = T.astype(dtype) if transposed else T.astype(dtype).T  # the sweep reads Tᵀ row by row
   lazy = grid is None and spec.group_size is not None
-  if grid is None and not lazy:
-    grid = grid_lib.fit_grid(W, spec)
-  if not lazy and row_group is None:
-    row_group = grid_lib.contiguous_row_group(d_in, spec)
-  B = effective_block_size(spec, block_size, lazy)
+  B, b, unit, n = _plan(d_in, spec, block_size, micro_block, lazy)
+  W0, Tt = _working(W, T, n, transposed)
+  tinv, P_all = _prelude(Tt, spec, lazy)
+  if not lazy:
+    grid, row_group = _fixed_grid(W, grid, row_group, spec, n)
   g = spec.group_size
-  unit = g if (lazy and g > B) else B
-  n_units = -(-d_in // unit)
-  n = n_units * unit
-  pad = n - d_in
-  maxq = spec.maxq
 
-  # Padding rows: zero weights, identity Hessian block (no coupling), so they round to 0 and change nothing.
-  if pad:
-    W = jnp.pad(W, ((0, pad), (0, 0)))
-    Tt = jnp.pad(Tt, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n) >= d_in).astype(Tt.dtype)
-  Mt = jnp.tril(Tt, k=-1) / jnp.diagonal(Tt)[:, None]  # Mᵀ: w̃ = w + Mt D
-  P_all = _obs_maps(Tt, g) if lazy else None
-  if pad:
-    if not lazy:
-      row_group = jnp.pad(row_group, (0, pad))  # group 0's grid contains 0, so zero rows round to zero
-
-  # Micro-blocks of b rows inside each block: their rows are swept with rank-1 updates of only b (cache-resident)
-  # rows, after one (b × B) @ (B × d_out) matmul brings in the block's earlier micro-blocks.
-  b = math.gcd(micro_block, B)
-  if lazy and g <= B:
-    b = math.gcd(b, g)  # groups start on micro-block boundaries
-  ones = jnp.ones((d_out,), dtype)
-  W0 = W
-  D_all = jnp.zeros_like(W)  # rounding residuals of the rows swept so far
-  out_codes, out_scale, out_zero = [], [], []
-  for ua, ub in _segments(n_units, num_segments):
+  # A driver, not one traced graph: the segments' sweeps share one compiled `_segment` (inside an outer jit
+  # they are inlined, with the same result). Each segment first receives every earlier segment's residuals,
+  # read from D_all, which each segment's sweep fills in place (rows past the segments done are never read).
+  D_all = jnp.zeros_like(W0)
+  codes, scales, zeros = [], [], []
+  for ua, ub in _segments(n // unit, num_segments):
     sa, sb = ua * unit, ub * unit
-    Mt_seg = Mt[sa:sb, sa:sb]
-    W0_seg = W0[sa:sb]
-    # Left-looking: the segment's rows receive every earlier segment's residuals in one long-K matmul.
-    Wt_seg = W0_seg if sa == 0 else W0_seg + jnp.matmul(Mt[sa:sb, :sa], D_all[:sa], precision=HIGHEST)
-
-    def block(carry, i1, Mt_seg=Mt_seg, W0_seg=W0_seg, Wt_seg=Wt_seg, sa=sa):
-      D_seg, cur = carry  # D_seg: residuals of this segment's rows so far, zero from row i1 on
-
-      def current(rows):  # targets of `rows` rows from i1 on, with the residuals of rows sa..sa+i1 applied
-        Mr = lax.dynamic_slice_in_dim(Mt_seg, i1, rows)
-        return lax.dynamic_slice_in_dim(Wt_seg, i1, rows) + jnp.matmul(Mr, D_seg, precision=HIGHEST)
-
-      Wb = current(B)
-      W0b = lax.dynamic_slice_in_dim(W0_seg, i1, B)
-      Mbt = lax.dynamic_slice(Mt_seg, (i1, i1), (B, B))
-      if lazy and g > B:  # a group spanning several blocks is fitted when its first block starts
-        cur = lax.cond((sa + i1) % g == 0, lambda: _fit_group(  # pylint: disable=g-long-lambda
-            current(g), lax.dynamic_slice_in_dim(W0_seg, i1, g), P_all[(sa + i1) // g], spec), lambda: cur)
-
-      def rows_now(Dblk, r0, r):  # rows r0..r0+r of the block with the residuals of this block's earlier rows
-        if r == B:  # r0 == 0: nothing of this block swept yet
-          return Wb
-        Mr = lax.dynamic_slice_in_dim(Mbt, r0, r)
-        return lax.dynamic_slice_in_dim(Wb, r0, r) + jnp.matmul(Mr, Dblk, precision=HIGHEST)
-
-      def micro(Dblk, m0, cur, starts):
-        Wm = rows_now(Dblk, m0, b)
-        W0m = lax.dynamic_slice_in_dim(W0b, m0, b)
-        Mmt = lax.dynamic_slice(Mbt, (m0, m0), (b, b))
-
-        if lazy:
-          scale, zero, first = cur
-          scale_m, zero_m = scale[None, :], zero[None, :]  # one grid for the b rows
-        else:  # the (b, d_out) grid rows of these b rows
-          k = lax.dynamic_slice_in_dim(row_group, sa + i1 + m0, b)
-          scale_m, zero_m = grid.scales[k], grid.zeros[k]
-        rows = jnp.arange(b)[:, None]
-
-        def row(Wm, j):
-          # One elementwise kernel per row (XLA:CPU pays a few µs per kernel launch, and a sweep has d_in rows):
-          # round row j, pass its residual to the later rows, and keep its code in row j, which is not read again.
-          w = Wm[j]
-          if lazy:
-            # A group's first row is rounded as the very values its grid was fitted on (equal to w̃ up to
-            # round-off): a symmetric grid puts its extreme entry exactly on a rounding tie, which must not flip.
-            w = jnp.where(starts & (j == 0), first, w)
-            s, z = scale, zero
-          else:
-            s, z = scale_m[j], zero_m[j]
-          c = grid_lib.quantize_rows(w, s, z, maxq)
-          D = W0m[j] - grid_lib.dequantize_rows(c, s, z)
-          return jnp.where(rows == j, c[None, :], Wm + Mmt[:, j][:, None] * D[None, :]), None  # Mmt[:j+1, j] = 0
-
-        c, _ = lax.scan(row, Wm, jnp.arange(b))  # row j of the carry ends as row j's codes
-        D = W0m - grid_lib.dequantize_rows(c, scale_m, zero_m)
-        return lax.dynamic_update_slice_in_dim(Dblk, D, m0, 0), c
-
-      if lazy and g <= B:
-        def group(Dblk, k0):  # groups inside the block: fit at the group's first row, then its micro-blocks
-          cur = _fit_group(rows_now(Dblk, k0, g), lax.dynamic_slice_in_dim(W0b, k0, g),
-                           P_all[(sa + i1 + k0) // g], spec)
-          Dblk, c = lax.scan(lambda Dblk, m: micro(Dblk, k0 + m, cur, m == 0), Dblk, jnp.arange(0, g, b))
-          return Dblk, (c, cur[0], cur[1])
-
-        Dblk, outs = lax.scan(group, jnp.zeros_like(Wb), jnp.arange(0, B, g))
-      else:
-        starts = ((sa + i1) % g == 0) if lazy else False
-        Dblk, c = lax.scan(lambda Dblk, m0: micro(Dblk, m0, cur, starts & (m0 == 0)), jnp.zeros_like(Wb),
-                           jnp.arange(0, B, b))
-        outs = (c,) + ((cur[0][None], cur[1][None]) if lazy else ())
-      # Lazy batch: later blocks of the segment read this block's residuals (left-looking, in `current`).
-      D_seg = lax.dynamic_update_slice_in_dim(D_seg, Dblk, i1, 0)
-      return (D_seg, cur), outs
-
-    (D_seg, _), outs = lax.scan(block, (jnp.zeros_like(W0_seg), (ones, ones, ones)), jnp.arange(0, sb - sa, B))
-    if sb < n:
-      D_all = D_all.at[sa:sb].set(D_seg)
-    out_codes.append(outs[0].reshape(sb - sa, d_out))
-    if lazy:  # one (scale, zero) per group (g ≤ B) or per block (g > B, a group spans g / B blocks)
-      out_scale.append(outs[1].reshape(-1, d_out))
-      out_zero.append(outs[2].reshape(-1, d_out))
-
-  codes = jnp.concatenate(out_codes)[:d_in]
-  if lazy:
-    step = 1 if g <= B else g // B
-    G = d_in // g
-    grid = Grid(jnp.concatenate(out_scale)[::step][:G], jnp.concatenate(out_zero)[::step][:G])
-    row_group = grid_lib.contiguous_row_group(d_in, spec)
-  Q = grid_lib.dequantize(codes, grid, spec, row_group[:d_in])
-  return codes.astype(jnp.uint8), grid, Q
+    Wt_seg = W0[:sb] if sa == 0 else _left(W0, Tt, tinv, D_all, sa, sb)
+    D_all, c, s, z = _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, jnp.int32(sa), spec, B, b,
+                              lazy)
+    codes.append(c)
+    scales.append(s)
+    zeros.append(z)
+  step = 1 if (not lazy or g <= B) else g // B
+  return _epilogue(tuple(codes), tuple(scales) if lazy else None, tuple(zeros) if lazy else None, grid,
+                   None if lazy else row_group, spec, d_in, step, lazy)

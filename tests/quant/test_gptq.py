@@ -64,6 +64,18 @@ def test_result_does_not_depend_on_block_size(group_size):
     np.testing.assert_array_equal(o, outs[0])
 
 
+def test_segments_of_one_size_share_one_compiled_sweep(caplog):
+  """The driver's segments reuse one executable (their start is traced); a per-segment sweep would compile 4."""
+  W, _, H = problems.layer(seed=4, d_in=256, d_out=24, n=400)
+  T = hessian.factor(jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(256), jnp.float32))
+  spec = grid_lib.QuantGrid(bits=3, group_size=32)
+  gptq_lib._segment.clear_cache()  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING), jax.log_compiles():
+    gptq_lib.gptq(jnp.asarray(W, jnp.float32), T, spec, block_size=32, num_segments=4, micro_block=8)
+  sweeps = [r.getMessage() for r in caplog.records if "Compiling jit(_segment)" in r.getMessage()]
+  assert len(sweeps) == 1, sweeps
+
+
 def test_gptq_beats_rtn_in_output_but_not_weight_error():
   """qwix's relational property on heavy-tailed inputs: larger weight error, smaller output error."""
   W, _, H = problems.layer(seed=5, d_in=256, d_out=128, n=2048, decay=40)
