@@ -229,22 +229,27 @@ def _gptq(W, Tt, perm, W_grid, spec: QuantGrid, lazy: bool, block_size: int):
   gptq = functools.partial(gptq_lib.gptq, block_size=block_size, transposed=True)
   if lazy:
     return gptq(W, Tt, spec)
+  if perm is None:  # contiguous groups: the sweep reads one grid row per micro-block
+    grid = _fixed_grid(W, W_grid, spec)
+    codes, _, Q = gptq(W, Tt, spec, grid=grid)
+    return codes, grid, Q
   grid, W_sweep, row_group = _fixed_grid_in_order(W, W_grid, perm, spec)
   codes, _, Q = gptq(W_sweep, Tt, spec, grid=grid, row_group=row_group)
-  if perm is not None:
-    codes, Q = _unpermute(codes, Q, perm)
+  codes, Q = _unpermute(codes, Q, perm)
   return codes, grid, Q
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
+def _fixed_grid(W, W_grid, spec: QuantGrid):
+  """Grids fixed up front. As the reference: per-channel grids come from W as given, static group grids from W
+  with dead rows zeroed."""
+  return grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
 def _fixed_grid_in_order(W, W_grid, perm, spec: QuantGrid):
-  """Grids fixed up front and the rows in sweep order. As the reference: per-channel grids come from W as given,
-  static group grids from W with dead rows zeroed."""
-  grid = grid_lib.fit_grid(W_grid if spec.group_size is None else W, spec)
-  row_group = grid_lib.contiguous_row_group(W.shape[0], spec)
-  if perm is None:
-    return grid, W, row_group
-  return grid, W[perm], row_group[perm]
+  """Act-order's static grids (``_fixed_grid``), the rows in sweep order and the group each reads."""
+  return _fixed_grid(W, W_grid, spec), W[perm], grid_lib.contiguous_row_group(W.shape[0], spec)[perm]
 
 
 @jax.jit

@@ -172,16 +172,18 @@ def _left(W0, Tt, tinv, D_all, sa: int, sb: int):
   return W0[sa:sb] + tinv[sa:sb, None] * jnp.matmul(Tt[sa:sb, :sa], D_all[:sa], precision=HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "B", "b", "lazy"), donate_argnames=("D_all",))
+@functools.partial(jax.jit, static_argnames=("spec", "B", "b", "lazy", "one_group"), donate_argnames=("D_all",))
 def _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, sa, spec: QuantGrid, B: int, b: int,
-             lazy: bool):
+             lazy: bool, one_group: bool):
   """Sweeps the segment of rows sa .. sa + len(Wt_seg) (``Wt_seg``: their targets with every earlier segment's
   residuals applied): ``D_all`` with the segment's residuals written in (in place: the driver donates it), its
   codes and (lazy) group grids. Indices below are local to the segment.
 
   ``sa`` is traced, so one compilation serves every segment of the same size (the driver `gptq` calls it once
   per segment). The segment's blocks are unrolled, so a block reads exactly the earlier blocks of the segment
-  (K = its offset) instead of a K = segment product masked by zeros.
+  (K = its offset) instead of a K = segment product masked by zeros. ``one_group``: a fixed grid whose groups
+  are contiguous and hold whole micro-blocks (per-channel, or groups without act-order), so a micro-block reads
+  one grid row instead of gathering one per row.
   """
   S, d_out = Wt_seg.shape
   g = spec.group_size
@@ -222,6 +224,9 @@ def _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, sa, spec: Quan
       if lazy:
         scale, zero, first = cur
         scale_m, zero_m = scale[None, :], zero[None, :]  # one grid for the b rows
+      elif one_group:  # the grid row of the group holding these b rows
+        k = (sa + i1 + m0) // (spec.group_size or W0.shape[0])
+        scale_m, zero_m = grid.scales[k][None], grid.zeros[k][None]
       else:  # the (b, d_out) grid rows of these b rows
         k = lax.dynamic_slice_in_dim(row_group_seg, i1 + m0, b)
         scale_m, zero_m = grid.scales[k], grid.zeros[k]
@@ -237,7 +242,7 @@ def _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, sa, spec: Quan
           w = jnp.where(starts & (j == 0), first, w)
           s, z = scale, zero
         else:
-          s, z = scale_m[j], zero_m[j]
+          s, z = (scale_m[0], zero_m[0]) if one_group else (scale_m[j], zero_m[j])
         c = grid_lib.quantize_rows(w, s, z, maxq)
         D = W0m[j] - grid_lib.dequantize_rows(c, s, z)
         return jnp.where(rows == j, c[None, :], Wm + Mmt[:, j][:, None] * D[None, :]), None  # Mmt[:j+1, j] = 0
@@ -324,6 +329,9 @@ def gptq(
   B, b, unit, n = _plan(d_in, spec, block_size, micro_block, lazy)
   W0, Tt = _working(W, T, n, transposed)
   tinv, P_all = _prelude(Tt, spec, lazy)
+  # Contiguous fixed groups that hold whole micro-blocks (padding rows clamp to the last group, whose grid,
+  # like every grid, contains 0): one grid row per micro-block.
+  one_group = not lazy and row_group is None and (spec.group_size is None or spec.group_size % b == 0)
   if not lazy:
     grid, row_group = _fixed_grid(W, grid, row_group, spec, n)
   g = spec.group_size
@@ -337,7 +345,7 @@ def gptq(
     sa, sb = ua * unit, ub * unit
     Wt_seg = W0[:sb] if sa == 0 else _left(W0, Tt, tinv, D_all, sa, sb)
     D_all, c, s, z = _segment(Wt_seg, W0, Tt, tinv, P_all, grid, row_group, D_all, jnp.int32(sa), spec, B, b,
-                              lazy)
+                              lazy, one_group)
     codes.append(c)
     scales.append(s)
     zeros.append(z)

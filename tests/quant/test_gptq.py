@@ -19,6 +19,7 @@ CASES = [  # (group_size, symmetric, act_order, static_groups)
     (32, False, False, False),
     (32, True, False, False),
     (32, False, True, True),
+    (32, True, False, True),  # static groups in natural order: one grid row per micro-block
     (None, False, True, False),
 ]
 
