@@ -2,8 +2,9 @@
 
 Builds one synthetic but LLM-like layer (W: scaled Student-t; X: heavy-tailed tokens with a decaying spectrum
 and a few outlier features; H = XᵀX in float32, built once), quantizes it to 4 bits, group 128, symmetric, with
-our `gj.quantize_layer(method="gptq")` and with llm-compressor's GPTQ weight solve on the same W and H, and prints
-one JSON line (also appended to --out). See benchmarks/README.md for what each figure means.
+our `gj.quantize_layer(method="gptq")` (with our default lazy groups, and with static groups: llm-compressor's own
+grid protocol) and with llm-compressor's GPTQ weight solve on the same W and H, timed in interleaved rounds, and
+prints one JSON line (also appended to --out). See benchmarks/README.md for what each figure means.
 
   PYTHONPATH=/path/to/main /work/venv-peer/bin/python benchmarks/layer.py
   python benchmarks/layer.py --d 1024 --n-tokens 2048 --no-peer      # quick smoke run
@@ -30,8 +31,11 @@ def parse_args(argv=None):
   p.add_argument("--n-tokens", type=int, default=8192, help="calibration tokens behind H = XᵀX")
   p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                  help="also run llm-compressor's GPTQ (skipped with a message when it is not installed)")
-  p.add_argument("--reps", type=int, default=3, help="timed repetitions (best-of) of the matmul and of our warm run")
-  p.add_argument("--peer-reps", type=int, default=2, help="timed repetitions (best-of) of llm-compressor")
+  p.add_argument("--reps", type=int, default=3,
+                 help="timed repetitions (best-of) of the matmul and of our warm runs (both arms)")
+  p.add_argument("--peer-reps", type=int, default=2,
+                 help="timed repetitions (best-of) of llm-compressor per torch thread count, each in a round with one "
+                 "call of each of our arms")
   p.add_argument("--torch-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
                  help="torch thread counts to time llm-compressor with; llmc_s is the best (default: cores and 1)")
   p.add_argument("--seed", type=int, default=0)
@@ -129,47 +133,40 @@ def rtn_q(W, bits, group_size):
   return (scale * (q - zero)).reshape(d_in, d_out)
 
 
-def run_ours(W, H, reps):
-  """gj.quantize_layer(method="gptq"): (first call incl. compile, best warm call, Q) or None when unavailable."""
+def ours_arms(W, H):
+  """Our arms as {name: (call, options)}: ``call()`` runs one ``gj.quantize_layer(method="gptq")`` and returns
+  (seconds, result). ``ours``: the library's default lazy groups (IST's semantics: each group's grid fitted when
+  the sweep reaches it). ``ours_static``: ``static_groups=True``, every grid fitted on W before the sweep, which
+  is what llm-compressor 0.14 does (the same algorithm as the peer). None when gilora_jax is unavailable."""
   try:
     import gilora_jax as gj  # pylint: disable=import-outside-toplevel
     quantize_layer = gj.quantize_layer
   except Exception as e:  # pylint: disable=broad-except
     log(f"gilora_jax.quantize_layer unavailable ({type(e).__name__}: {e}); skipping ours")
     return None
-  if not callable(quantize_layer):
-    log("gilora_jax.quantize_layer is not implemented yet (placeholder); skipping ours")
-    return None
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   Wj, Hj = jnp.asarray(W), jnp.asarray(H)
+  # diagnostics=False: no error/bound evaluation (an eigvalsh of H) inside the timed call; llmc does none
+  base = dict(method="gptq", bits=BITS, rank=0, group_size=GROUP_SIZE, symmetric=SYMMETRIC, damp=DAMP,
+              act_order=False, block_size=BLOCK_SIZE, diagnostics=False)
 
-  kwargs = dict(method="gptq", bits=BITS, rank=0, group_size=GROUP_SIZE, symmetric=SYMMETRIC, damp=DAMP,
-                act_order=False, block_size=BLOCK_SIZE, diagnostics=False)
+  def arm(**extra):
+    kwargs = {**base, **extra}
 
-  def call():
-    t = time.perf_counter()
-    res = quantize_layer(Wj, Hj, **kwargs)
-    jax.block_until_ready([res.Q, res.codes, res.scales, res.zeros])
-    return time.perf_counter() - t, res
+    def call():
+      t = time.perf_counter()
+      res = quantize_layer(Wj, Hj, **kwargs)
+      jax.block_until_ready([res.Q, res.codes, res.scales, res.zeros])
+      return time.perf_counter() - t, res
 
-  try:  # diagnostics=False: no error/bound evaluation (an eigvalsh of H) inside the timed call; llmc does none
-    first, res = call()
-  except TypeError:  # an API without these options: time the plain contract
-    del kwargs["block_size"], kwargs["diagnostics"]
-    first, res = call()
+    return call, {k: v for k, v in kwargs.items() if k in ("block_size", "diagnostics", "static_groups")}
 
-  log(f"ours: first call (compile + run) {first:.2f} s")
-  warm = min(call()[0] for _ in range(max(1, reps)))
-  log(f"ours: warm call {warm:.2f} s")
-  info = getattr(res, "info", None) or {}
-  return {"first_s": first, "warm_s": warm, "Q": np.asarray(res.Q, np.float32), "damp_used": info.get("damp"),
-          "options": {k: v for k, v in kwargs.items() if k in ("block_size", "diagnostics")},
-          "gilora_commit": _git_commit(pathlib.Path(gj.__file__).parent)}
+  return {"ours": arm(), "ours_static": arm(static_groups=True)}, _git_commit(pathlib.Path(gj.__file__).parent)
 
 
-def run_llmc(W, H, n_tokens, reps, thread_counts):
-  """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: best seconds per thread count, and Q.
+def llmc_arm(W, H, n_tokens):
+  """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: ``call(threads)`` → (seconds, Q, fell back).
 
   The same steps as `GPTQModifier.compress_module_list`: the default weight observer (memoryless min-max) fits
   the group grids on the original weight, then `quantize_weight` runs the sweep. llm-compressor keeps
@@ -188,34 +185,43 @@ def run_llmc(W, H, n_tokens, reps, thread_counts):
                           actorder=None)
   weight = torch.from_numpy(np.ascontiguousarray(W.T))  # (d_out, d_in), as nn.Linear.weight
   hessian = torch.from_numpy(np.array(H)) * (2.0 / n_tokens)
-  by_threads, Q = {}, None
-  for threads in thread_counts:
+
+  def call(threads):
     torch.set_num_threads(threads)
-    best = float("inf")
-    for _ in range(max(1, reps)):
-      w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
-      with torch.no_grad():
-        t = time.perf_counter()
-        observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
-        observer(weight)
-        qp = observer.get_qparams()
-        q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
-                                         blocksize=BLOCK_SIZE, percdamp=DAMP)
-        best = min(best, time.perf_counter() - t)
-      if bool(fallback.any()):
-        log("llm-compressor fell back to RTN (Cholesky failed)")
-      Q = q[0].numpy().T
-    by_threads[str(threads)] = best
-    log(f"llm-compressor: {best:.2f} s with {threads} torch thread(s)")
-  best_threads = min(by_threads, key=by_threads.get)
-  return {"s": by_threads[best_threads], "s_by_threads": by_threads, "torch_threads": int(best_threads),
-          "Q": np.asarray(Q, np.float32)}
+    w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
+    with torch.no_grad():
+      t = time.perf_counter()
+      observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
+      observer(weight)
+      qp = observer.get_qparams()
+      q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
+                                       blocksize=BLOCK_SIZE, percdamp=DAMP)
+      seconds = time.perf_counter() - t
+    return seconds, np.asarray(q[0].numpy().T, np.float32), bool(fallback.any())
+
+  return call
+
+
+def run_interleaved(arms):
+  """Best seconds of each arm, in rounds that call each arm still due once in turn, so that a slow spell of a
+  noisy machine hits all arms alike instead of one. ``arms``: {name: (call() → (seconds, ...), repetitions)}."""
+  best = {name: float("inf") for name in arms}
+  for r in range(max((reps for _, reps in arms.values()), default=0)):
+    times = {name: call()[0] for name, (call, reps) in arms.items() if r < reps}
+    best.update({name: min(best[name], t) for name, t in times.items()})
+    log(f"round {r + 1}: " + ", ".join(f"{name} {t:.2f} s" for name, t in times.items()))
+  return best
 
 
 def _git_commit(path):
+  """The short commit of the checkout at ``path``, with ``+dirty`` when its files differ from that commit."""
   try:
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    git = ["git", "-C", str(path)]
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
@@ -254,10 +260,26 @@ def main(argv=None):
   roofline_s = (a.d**3 + (2.0 / 3.0) * a.d**3) / rate
   log(f"float32 matmul {rate / 1e9:.1f} Gflop/s -> roofline {roofline_s:.3f} s")
 
-  ours = run_ours(W, H, a.reps)
-  llmc = run_llmc(W, H, a.n_tokens, a.peer_reps, a.torch_threads) if a.peer else None
+  arms, first, results, commit = {}, {}, {}, None
+  built = ours_arms(W, H)
+  if built:
+    ours, commit = built
+    for name, (call, _) in ours.items():  # the first call compiles: timed alone, not part of the rounds
+      first[name], res = call()
+      results[name] = np.asarray(res.Q, np.float32), (res.info or {}).get("damp")
+      log(f"{name}: first call (compile + run) {first[name]:.2f} s")
+      arms[name] = call, max(1, a.reps)
+  llmc = llmc_arm(W, H, a.n_tokens) if a.peer else None
   if not a.peer:
     log("--no-peer: skipping llm-compressor")
+  if llmc:
+    for threads in a.torch_threads:
+      seconds, Q, fell_back = llmc(threads)  # warm-up (torch's first call allocates its workspace)
+      if fell_back:
+        log("llm-compressor fell back to RTN (Cholesky failed)")
+      results["llmc"] = Q, None
+      arms[f"llmc_t{threads}"] = (lambda threads=threads: llmc(threads)), max(1, a.peer_reps)
+  best = run_interleaved(arms)
 
   rec = {
       "bench": "layer_gptq",
@@ -270,16 +292,22 @@ def main(argv=None):
       "ours_rel_err": None, "llmc_rel_err": None, "err_ratio_ours_over_llmc": None,
       "rtn_rel_err": rel_output_error(W, rtn_q(W, BITS, GROUP_SIZE), H),
   }
-  if ours:
-    rec.update(ours_first_s=ours["first_s"], ours_warm_s=ours["warm_s"], ours_over_roofline=ours["warm_s"] / roofline_s,
-               ours_rel_err=rel_output_error(W, ours["Q"], H), ours_damp_used=ours["damp_used"],
-               ours_options=ours["options"], gilora_commit=ours["gilora_commit"])
+  for name in ("ours", "ours_static") if built else ():
+    rec.update({f"{name}_first_s": first[name], f"{name}_warm_s": best[name],
+                f"{name}_over_roofline": best[name] / roofline_s, f"{name}_rel_err": rel_output_error(W, results[name][0], H),
+                f"{name}_options": ours[name][1]})
+  if built:
+    rec.update(ours_damp_used=results["ours"][1], gilora_commit=commit)
   if llmc:
-    rec.update(llmc_s=llmc["s"], llmc_s_by_torch_threads=llmc["s_by_threads"], llmc_torch_threads=llmc["torch_threads"],
-               llmc_rel_err=rel_output_error(W, llmc["Q"], H))
-  if ours and llmc:
-    rec.update(llmc_over_ours=llmc["s"] / ours["warm_s"],
-               err_ratio_ours_over_llmc=rec["ours_rel_err"] / rec["llmc_rel_err"])
+    by_threads = {k[len("llmc_t"):]: v for k, v in best.items() if k.startswith("llmc_t")}
+    best_threads = min(by_threads, key=by_threads.get)
+    rec.update(llmc_s=by_threads[best_threads], llmc_s_by_torch_threads=by_threads,
+               llmc_torch_threads=int(best_threads), llmc_rel_err=rel_output_error(W, results["llmc"][0], H))
+  if built and llmc:
+    for name in ("ours", "ours_static"):
+      suffix = name[len("ours"):]
+      rec[f"llmc_over_ours{suffix}"] = rec["llmc_s"] / rec[f"{name}_warm_s"]
+      rec[f"err_ratio_ours{suffix}_over_llmc"] = rec[f"{name}_rel_err"] / rec["llmc_rel_err"]
   rec.update(machine_facts())
   rec.update(total_s=time.perf_counter() - t_all, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
 
