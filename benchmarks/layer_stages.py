@@ -1,8 +1,10 @@
 """Where the time of `quantize_layer(method="gptq")` goes: each jitted stage of `gilora_jax.layer`, timed alone.
 
 Same layer as `benchmarks/layer.py` (4096², 4-bit, g128, symmetric). Stages: the data checks of H, the damped
-transposed Cholesky factor, the GPTQ sweep, and the whole call; each is the best of `--reps` warm calls, and
-the flop rates are against the same float32 matmul rate `layer.py` measures. Appends one JSONL record.
+transposed Cholesky factor, the GPTQ sweep (and its two parts: the long left-looking products and the
+segments' own sweeps), and the whole call; each is the best of `--reps` warm calls, and the flop rates are
+against the same float32 matmul rate `layer.py` measures, with the rates of a micro-block's and a long product's
+shape beside it. Appends one JSONL record.
 
     PYTHONPATH=$PWD python benchmarks/layer_stages.py
 
@@ -33,6 +35,49 @@ def best(fn, reps):
   return min(out)
 
 
+def sweep_parts(gptq_lib, run, reps):
+  """Seconds of the sweep's two kinds of jitted stage, summed over one sweep (best of ``reps`` sweeps): the long
+  left-looking products that bring each segment every earlier segment's residuals (``_left``) and the segments'
+  own sweeps (``_segment``). Each call is blocked on, which the sweep itself does not do, so the parts add up to a
+  little more than ``sweep_s``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  totals = {}
+
+  def timed(name, fn):
+    def wrapper(*args, **kwargs):
+      t = time.perf_counter()
+      out = jax.block_until_ready(fn(*args, **kwargs))
+      totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+      return out
+    return wrapper
+
+  originals = {name: getattr(gptq_lib, name) for name in ("_left", "_segment")}
+  best_parts = None
+  try:
+    for name, fn in originals.items():
+      setattr(gptq_lib, name, timed(name, fn))
+    jax.block_until_ready(run())
+    for _ in range(reps):
+      totals.clear()
+      jax.block_until_ready(run())
+      if best_parts is None or sum(totals.values()) < sum(best_parts.values()):
+        best_parts = dict(totals)
+  finally:
+    for name, fn in originals.items():
+      setattr(gptq_lib, name, fn)
+  return {"sweep_left_s": best_parts.get("_left", 0.0), "sweep_segments_s": best_parts.get("_segment", 0.0)}
+
+
+def matmul_rate_of(m, k, n, reps):
+  """Best-of-reps float32 rate (flop/s) of an (m × k) @ (k × n) product, jitted, precision highest."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.key(2), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(3), (k, n), jnp.float32)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))
+  return 2.0 * m * k * n / best(lambda: f(a, b), max(reps, 10))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--d", type=int, default=4096)
@@ -55,24 +100,33 @@ def main(argv=None):
   rate = bench.matmul_rate(a.d, a.reps)
   spec = QuantGrid(bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC)
   _, Tt, _, _ = L._factor(H, bench.DAMP, None, False, "cholesky")  # pylint: disable=protected-access
+  sweep = lambda: L._gptq(W, Tt, None, W, spec, True, bench.BLOCK_SIZE)  # pylint: disable=protected-access
   s = {
       "checks_s": best(lambda: L._prepare_h(H), a.reps),  # pylint: disable=protected-access
       "factor_s": best(lambda: L._factor(H, bench.DAMP, None, False, "cholesky"), a.reps),  # pylint: disable=protected-access
-      "sweep_s": best(lambda: L._gptq(W, Tt, None, W, spec, True, bench.BLOCK_SIZE), a.reps),  # pylint: disable=protected-access
+      "sweep_s": best(sweep, a.reps),
       "quantize_layer_s": best(lambda: gj.quantize_layer(
           W, H, method="gptq", bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC,
           damp=bench.DAMP, block_size=bench.BLOCK_SIZE, diagnostics=False).codes, a.reps),
   }
+  from gilora_jax.quant import gptq as gptq_lib  # pylint: disable=import-outside-toplevel
+  parts = sweep_parts(gptq_lib, sweep, a.reps) if hasattr(gptq_lib, "_segment") else {}
   d = a.d
+  B, b = bench.BLOCK_SIZE, 16
+  # The sweep's product shapes: a micro-block's (b × B) @ (B × d_out), and a segment's long one at its middle.
+  shapes = {"micro": (b, B, d), "long": (d // 8, d // 2, d)}
+  rates = {f"matmul_{name}_gflops": matmul_rate_of(*mkn, a.reps) / 1e9 for name, mkn in shapes.items()}
   rec = {"bench": "layer_stages", "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "d": d,
          "n_tokens": a.n_tokens, "reps": a.reps, "malloc_tuned": malloc_tuned, "matmul_gflops": rate / 1e9, **s,
          # Cholesky d³/3 flops; the sweep's lazy updates ≈ d_in² d_out (the roofline of layer.py counts d³ + ⅔d³)
          "factor_gflops": d ** 3 / 3 / s["factor_s"] / 1e9, "sweep_gflops": d ** 3 / s["sweep_s"] / 1e9,
          "own_floor_s": (d ** 3 + d ** 3 / 3) / rate, "roofline_s": (d ** 3 + 2 * d ** 3 / 3) / rate,
          "gilora_commit": bench._git_commit(pathlib.Path(gj.__file__).parent),  # pylint: disable=protected-access
+         **parts, **rates, "matmul_shapes": {k: list(v) for k, v in shapes.items()},
          "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0], **bench.machine_facts()}
-  for k, v in s.items():
+  for k, v in {**s, **parts}.items():
     bench.log(f"{k[:-2]:16s} {v * 1e3:8.1f} ms")
+  bench.log(", ".join(f"{k} {rec[k]:.0f}" for k in rates) + f" (shapes m×k×n: {shapes})")
   bench.log(f"factor at {rec['factor_gflops']:.0f} Gflop/s, sweep at {rec['sweep_gflops']:.0f} Gflop/s; "
             f"matmul {rate / 1e9:.0f} Gflop/s")
   print(json.dumps(rec))
