@@ -14,6 +14,7 @@ The stage functions are private to `gilora_jax.layer`; this script follows them,
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pathlib
@@ -112,9 +113,10 @@ def main(argv=None):
   from gilora_jax.quant import gptq as gptq_lib  # pylint: disable=import-outside-toplevel
   parts = sweep_parts(gptq_lib, sweep, a.reps) if hasattr(gptq_lib, "_segment") else {}
   d = a.d
-  B, b = bench.BLOCK_SIZE, 16
-  # The sweep's product shapes: a micro-block's (b × B) @ (B × d_out), and a segment's long one at its middle.
-  shapes = {"micro": (b, B, d), "long": (d // 8, d // 2, d)}
+  defaults = inspect.signature(gptq_lib.gptq).parameters
+  b, segs = defaults["micro_block"].default, defaults["num_segments"].default
+  # The sweep's product shapes: a micro-block's (b × B) @ (B × d_out), and the long one of the middle segment.
+  shapes = {"micro": (b, bench.BLOCK_SIZE, d), "long": (d // segs, d // 2, d)}
   rates = {f"matmul_{name}_gflops": matmul_rate_of(*mkn, a.reps) / 1e9 for name, mkn in shapes.items()}
   rec = {"bench": "layer_stages", "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "d": d,
          "n_tokens": a.n_tokens, "reps": a.reps, "malloc_tuned": malloc_tuned, "matmul_gflops": rate / 1e9, **s,
