@@ -20,6 +20,9 @@ def test_layer_bench_smoke(tmp_path):
   assert rec["malloc_tuned"] is False  # GILORA_MALLOC_TUNING=0 (tests/conftest.py): the pytest process is left alone
   assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(rec))
   assert rec["ours_warm_s"] > 0 and rec["roofline_s"] > 0
+  # our sweep's own flops (one Cholesky, no inverse) are fewer than the roofline's, at the same rate
+  assert 0 < rec["work_floor_s"] < rec["roofline_s"]
+  assert rec["ours_over_work_floor"] == rec["ours_warm_s"] / rec["work_floor_s"]
   # GPTQ must beat round-to-nearest on the layer output by a wide margin on this correlated, heavy-tailed X.
   assert rec["ours_rel_err"] < 0.7 * rec["rtn_rel_err"]
 
