@@ -37,7 +37,11 @@ def parse_args(argv=None):
                  help="timed repetitions (best-of) of llm-compressor per torch thread count, each in a round with one "
                  "call of each of our arms")
   p.add_argument("--torch-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
-                 help="torch thread counts to time llm-compressor with; llmc_s is the best (default: cores and 1)")
+                 help="torch thread counts to time llm-compressor with on the CPU; llmc_s is the best (default: cores "
+                 "and 1)")
+  p.add_argument("--peer-device", choices=("auto", "cpu", "cuda"), default="auto",
+                 help="where llm-compressor runs: auto = cuda when JAX's default backend is a GPU and torch sees one "
+                 "(the same device as ours), else cpu")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
                  help="gilora_jax.runtime.tune_cpu_malloc() at start, as the gilora command does; it applies to the "
@@ -165,13 +169,30 @@ def ours_arms(W, H):
   return {"ours": arm(), "ours_static": arm(static_groups=True)}, _git_commit(pathlib.Path(gj.__file__).parent)
 
 
-def llmc_arm(W, H, n_tokens):
+def peer_device(choice):
+  """The torch device llm-compressor runs on: ``auto`` follows JAX (cuda when JAX's default backend is a GPU and
+  torch sees one). None when torch is not installed."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  if choice == "auto":
+    import jax  # pylint: disable=import-outside-toplevel
+    choice = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  if choice == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--peer-device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
+  return choice
+
+
+def llmc_arm(W, H, n_tokens, device="cpu"):
   """llm-compressor 0.14 GPTQ weight solve on torch weight = Wᵀ: ``call(threads)`` → (seconds, Q, fell back).
 
   The same steps as `GPTQModifier.compress_module_list`: the default weight observer (memoryless min-max) fits
   the group grids on the original weight, then `quantize_weight` runs the sweep. llm-compressor keeps
   H = Σ 2·xxᵀ / num_samples; the damping is relative to mean(diag H), so any positive scaling gives the same
   codes: we pass 2·H / n_tokens. actorder=None to match our act_order=False. Returns None when not installed.
+  On ``device="cuda"`` the inputs live on the GPU and the clock stops after ``torch.cuda.synchronize()``;
+  ``threads`` then only sets torch's CPU threads.
   """
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -183,21 +204,24 @@ def llmc_arm(W, H, n_tokens):
     return None
   args = QuantizationArgs(num_bits=BITS, type="int", strategy="group", group_size=GROUP_SIZE, symmetric=SYMMETRIC,
                           actorder=None)
-  weight = torch.from_numpy(np.ascontiguousarray(W.T))  # (d_out, d_in), as nn.Linear.weight
-  hessian = torch.from_numpy(np.array(H)) * (2.0 / n_tokens)
+  weight = torch.from_numpy(np.ascontiguousarray(W.T)).to(device)  # (d_out, d_in), as nn.Linear.weight
+  hessian = (torch.from_numpy(np.array(H)) * (2.0 / n_tokens)).to(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
   def call(threads):
     torch.set_num_threads(threads)
     w_in, h_in = weight.clone()[None], hessian.clone()[None]  # quantize_weight overwrites its inputs
     with torch.no_grad():
+      sync()
       t = time.perf_counter()
       observer = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)
       observer(weight)
       qp = observer.get_qparams()
       q, _, fallback = quantize_weight(w_in, h_in, qp["scale"][None], qp["zero_point"][None], None, args,
                                        blocksize=BLOCK_SIZE, percdamp=DAMP)
+      sync()
       seconds = time.perf_counter() - t
-    return seconds, np.asarray(q[0].numpy().T, np.float32), bool(fallback.any())
+    return seconds, np.asarray(q[0].cpu().numpy().T, np.float32), bool(fallback.any())
 
   return call
 
@@ -271,11 +295,17 @@ def main(argv=None):
       results[name] = np.asarray(res.Q, np.float32), (res.info or {}).get("damp")
       log(f"{name}: first call (compile + run) {first[name]:.2f} s")
       arms[name] = call, max(1, a.reps)
-  llmc = llmc_arm(W, H, a.n_tokens) if a.peer else None
+  device = peer_device(a.peer_device) if a.peer else None
+  llmc = llmc_arm(W, H, a.n_tokens, device) if a.peer and device else None
   if not a.peer:
     log("--no-peer: skipping llm-compressor")
+  elif device is None:
+    log("torch not installed; skipping the peer. Install the `peer` extra (benchmarks/README.md).")
+  # On the GPU the torch thread count does not matter: one arm, at the first count.
+  thread_counts = a.torch_threads if device != "cuda" else a.torch_threads[:1]
   if llmc:
-    for threads in a.torch_threads:
+    log(f"llm-compressor on {device}")
+    for threads in thread_counts:
       seconds, Q, fell_back = llmc(threads)  # warm-up (torch's first call allocates its workspace)
       if fell_back:
         log("llm-compressor fell back to RTN (Cholesky failed)")
@@ -305,8 +335,10 @@ def main(argv=None):
   if llmc:
     by_threads = {k[len("llmc_t"):]: v for k, v in best.items() if k.startswith("llmc_t")}
     best_threads = min(by_threads, key=by_threads.get)
-    rec.update(llmc_s=by_threads[best_threads], llmc_s_by_torch_threads=by_threads,
-               llmc_torch_threads=int(best_threads), llmc_rel_err=rel_output_error(W, results["llmc"][0], H))
+    rec.update(llmc_s=by_threads[best_threads], llmc_device=device,
+               llmc_s_by_torch_threads=by_threads if device == "cpu" else None,
+               llmc_torch_threads=int(best_threads) if device == "cpu" else None,
+               llmc_rel_err=rel_output_error(W, results["llmc"][0], H))
     # The time a 4x speed-up needs, against the roofline: below 1, 4x means running under the roofline.
     rec.update(llmc_quarter_over_roofline=rec["llmc_s"] / 4 / roofline_s)
   if built and llmc:

@@ -36,3 +36,17 @@ def test_layer_stages_smoke(tmp_path):
   # The timing wrappers are taken off again: the driver's stages are the module's own functions afterwards.
   from gilora_jax.quant import gptq  # pylint: disable=import-outside-toplevel
   assert hasattr(gptq._segment, "lower") and hasattr(gptq._left, "lower")  # pylint: disable=protected-access
+
+
+def test_peer_device_follows_jax():
+  """--peer-device auto runs llm-compressor where JAX runs; cuda without a GPU is refused with a message."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  torch = pytest.importorskip("torch")
+  bench = _load()
+  gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  assert bench.peer_device("auto") == ("cuda" if gpu else "cpu")
+  assert bench.peer_device("cpu") == "cpu"
+  if not torch.cuda.is_available():
+    with pytest.raises(SystemExit, match="torch sees no GPU"):
+      bench.peer_device("cuda")
