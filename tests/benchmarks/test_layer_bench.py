@@ -50,3 +50,12 @@ def test_peer_device_follows_jax():
   if not torch.cuda.is_available():
     with pytest.raises(SystemExit, match="torch sees no GPU"):
       bench.peer_device("cuda")
+
+
+def test_cpu_overlap_smoke(tmp_path):
+  out = tmp_path / "overlap.jsonl"
+  rec = _load("cpu_overlap").main(["--d", "256", "--rows", "64", "--reps", "2", "--out", str(out)])
+  assert json.loads(out.read_text().splitlines()[-1]) == json.loads(json.dumps(rec))
+  assert all(rec[k] > 0 for k in ("chain_s", "matmul_s", "one_jit_s", "dispatched_s"))
+  total = rec["chain_s"] + rec["matmul_s"]
+  assert rec["overlap_one_jit"] == total / rec["one_jit_s"] and rec["overlap_perfect"] >= 1
