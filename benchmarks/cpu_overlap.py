@@ -67,7 +67,8 @@ def main(argv=None):
        "one_jit_s": best(lambda: f_both(x, A, B)), "dispatched_s": best(lambda: (f_chain(x), f_product(A, B)))}
   total = s["chain_s"] + s["matmul_s"]
   rec = {"bench": "cpu_overlap", "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "d": d, "rows": a.rows,
-         "reps": a.reps, **s, "overlap_one_jit": total / s["one_jit_s"], "overlap_dispatched": total / s["dispatched_s"],
+         "reps": a.reps, **s, "overlap_one_jit": total / s["one_jit_s"],
+         "overlap_dispatched": total / s["dispatched_s"],
          "overlap_perfect": total / max(s["chain_s"], s["matmul_s"]),
          "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0], **bench.machine_facts()}
   bench.log(", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items()))

@@ -328,7 +328,8 @@ def main(argv=None):
   for name in ("ours", "ours_static") if built else ():
     rec.update({f"{name}_first_s": first[name], f"{name}_warm_s": best[name],
                 f"{name}_over_roofline": best[name] / roofline_s,
-                f"{name}_over_own_floor": best[name] / own_floor_s, f"{name}_rel_err": rel_output_error(W, results[name][0], H),
+                f"{name}_over_own_floor": best[name] / own_floor_s,
+                f"{name}_rel_err": rel_output_error(W, results[name][0], H),
                 f"{name}_options": ours[name][1]})
   if built:
     rec.update(ours_damp_used=results["ours"][1], gilora_commit=commit)
