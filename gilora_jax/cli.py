@@ -77,6 +77,8 @@ def cmd_quantize_layer(a: argparse.Namespace) -> int:
   except ValueError as e:
     return _fail(str(e))
   out = pathlib.Path(a.out)
+  if out.suffix != ".npz":  # np.savez would append it anyway; the JSON line must name the file written
+    out = out.with_name(out.name + ".npz")
   out.parent.mkdir(parents=True, exist_ok=True)
   np.savez(out, Q=np.asarray(res.Q), L=np.asarray(res.L), R=np.asarray(res.R), codes=np.asarray(res.codes),
            scales=np.asarray(res.scales), zeros=np.asarray(res.zeros))

@@ -40,3 +40,17 @@ def test_quantize_layer_reports_validation_errors(tmp_path, capsys):
   np.savez(tmp_path / "in.npz", W=np.ones((8, 4), np.float32), H=np.eye(8, dtype=np.float32))
   rc = cli.main(["quantize-layer", str(tmp_path / "in.npz"), "--group-size", "3", "--out", str(tmp_path / "o.npz")])
   assert rc == 2 and "does not divide d_in=8" in capsys.readouterr().err
+
+
+def test_quantize_layer_flags_and_out_suffix(tmp_path, capsys):
+  """--sym, --act-order and --damp reach quantize_layer; an --out without .npz names the file actually written."""
+  W, _, H = problems.layer(seed=1, d_in=64, d_out=16, n=300)
+  np.savez(tmp_path / "in.npz", W=W.astype(np.float32), H=H.astype(np.float32))
+  rc = cli.main(["quantize-layer", str(tmp_path / "in.npz"), "--method", "gptq", "--bits", "4", "--group-size", "16",
+                 "--sym", "--act-order", "--damp", "0.05", "--out", str(tmp_path / "q")])
+  assert rc == 0
+  rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert rec["out"] == str(tmp_path / "q.npz") and rec["damp"] == 0.05
+  with np.load(rec["out"]) as z:
+    np.testing.assert_array_equal(z["zeros"], 8.0)  # symmetric 4-bit grid: zero point (maxq + 1) / 2
+    assert z["scales"].shape == (4, 16)
