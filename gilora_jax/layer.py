@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import operator
 import time
 from typing import Any, NamedTuple
 
@@ -97,6 +99,22 @@ class LayerConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_INTEGER_OPTIONS = ("bits", "rank", "group_size", "loops", "block_size", "srr_k")
+
+
+def _integer(name: str, value: Any) -> Any:
+  """``value`` as a Python int (NumPy integers too; None stays None); ``ValueError`` for a float or a bool, which
+  would otherwise be truncated (rank=3.7 → 3) or fail deep inside with a TypeError."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}={value!r} must be an integer, not a bool.")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r} must be an integer (got {type(value).__name__}).") from None
+
+
 def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> None:
   """Checks of shapes and options (host side, no data pass; the data checks run fused in ``_prepare``)."""
   if W.ndim != 2:
@@ -119,8 +137,11 @@ def _validate(W: np.ndarray, H: np.ndarray, cfg: LayerConfig, damp: float) -> No
                      f"use rank ≤ {min(d_in, d_out)}.")
   if not isinstance(cfg.loops, (int, np.integer)) or cfg.loops < 0:
     raise ValueError(f"loops={cfg.loops!r} must be a non-negative integer.")
-  if not damp > 0:
-    raise ValueError(f"damp={damp!r} must be positive (the reference uses 0.01 of the mean diagonal).")
+  if cfg.block_size < 1:
+    raise ValueError(f"block_size={cfg.block_size!r} must be a positive integer (rows per lazy-batch block; 128 is "
+                     f"the reference's).")
+  if not (damp > 0 and math.isfinite(damp)):
+    raise ValueError(f"damp={damp!r} must be positive and finite (the reference uses 0.01 of the mean diagonal).")
   if cfg.factor not in ("cholesky", "eigh"):
     raise ValueError(f"factor={cfg.factor!r} is unknown; use 'cholesky' or 'eigh'.")
   if cfg.bidup_order not in ("forward", "backward", "both"):
@@ -160,6 +181,7 @@ def _prepare_h(H):
 
 _fix_dead = jax.jit(hessian.fix_dead)
 _all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
+_results_finite = jax.jit(lambda *xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))
 
 
 class HessianCache:
@@ -450,9 +472,11 @@ def quantize_layer(
     ``LayerResult(Q, L, R, codes, scales, zeros, info)``. ``info`` holds ``rel_err`` =
     ``tr(EᵀHE)/tr(WᵀHW)``, ``E = W − Q − LR`` with the undamped H; ``rel_err_quantized`` (Q alone) and
     ``rel_err_method`` (before refinement); ``objective`` (damped, after each refinement step); ``damp``
-    actually used, ``lam``; ``upper_bound``/``lower_estimate`` relative to ``tr(WᵀHW)`` (``quant.bounds``);
-    ``srr_k``; ``seconds``. With ``diagnostics=False`` only ``damp``, ``lam``, ``srr_k`` and ``seconds`` are
-    filled (the error and bound evaluations cost several d_in² d_out matmuls and an eigendecomposition).
+    actually used; ``lam``, the λ of the method's sweep and of the upper bound (gilora: its augmented pass's,
+    ``intrinsic.deflate``; refinement and OLrC damp with ``damp · mean diag H``); ``upper_bound`` /
+    ``lower_estimate`` relative to ``tr(WᵀHW)`` (``quant.bounds``); ``srr_k``; ``seconds``. With
+    ``diagnostics=False`` only ``damp``, ``lam``, ``srr_k`` and ``seconds`` are filled (the error and bound
+    evaluations cost several d_in² d_out matmuls and an eigendecomposition).
 
   Raises:
     ValueError: on NaN/Inf input, mismatched shapes, a rank above min(d_in, d_out), a group size that does not
@@ -462,8 +486,16 @@ def quantize_layer(
   unknown = set(options) - fields
   if unknown:
     raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(fields - {'method'})}")
-  cfg = LayerConfig(method=method, bits=bits, rank=int(rank), group_size=group_size, symmetric=symmetric,
-                    loops=int(loops), act_order=act_order, **options)
+  ints = {name: _integer(name, value) for name, value in
+          dict(bits=bits, rank=rank, group_size=group_size, loops=loops, **options).items() if name in _INTEGER_OPTIONS}
+  for name in ("bits", "rank", "loops", "block_size"):
+    if name in ints and ints[name] is None:
+      raise ValueError(f"{name}=None must be an integer.")
+  cfg = LayerConfig(method=method, symmetric=symmetric, act_order=act_order, **{**options, **ints})
+  try:
+    damp = float(damp)
+  except (TypeError, ValueError):
+    raise ValueError(f"damp={damp!r} must be a positive number.") from None
   t0 = time.perf_counter()
   W = W if isinstance(W, jax.Array) else np.asarray(W)  # device arrays stay on their device
   H = H if isinstance(H, jax.Array) else np.asarray(H)
@@ -517,12 +549,20 @@ def quantize_layer(
       start = float(stats["objective"]) if cfg.method != "srr" else float(_objective(Wz, Q0, lr0, Hf, damp))
       objective = [start] + [float(v) for v in trace]
 
-  lam = damp * mean_diag
+  # λ of the method's damped objective, which the bound is stated for: gilora's sweep damps the augmented Hessian
+  # (λ = damp · (tr H + Σ_{i≤r} σ_i²)/(N + r), ``intrinsic.deflate``), the others H itself.
+  lam = float(ih.lam) if ih is not None else damp * mean_diag
   info.update(damp=float(damp), lam=lam, srr_k=srr_k)
   if cfg.diagnostics:
     eigs = cache.get(("eigvalsh",), lambda: _eigvalsh(Hf))
     info.update({name: float(v) for name, v in _report(W, H, eigs, Q, lr, grid.scales, lam, bits, r).items()})
     info["objective"] = objective
+  # Finite inputs can still overflow float32 in the grid (|W| near 3e38: an infinite step); never hand that back.
+  if not bool(_results_finite(Q, grid.scales, grid.zeros, lr.L, lr.R)):
+    raise ValueError(
+        f"quantizing this layer overflowed {Q.dtype} (non-finite scales, Q or low-rank factors) although W and H "
+        f"are finite: max |W| = {float(jnp.max(jnp.abs(W))):.3g}. Rescale W (and undo the factor in the next "
+        f"layer) or quantize in float64 (jax_enable_x64).")
   jax.block_until_ready((Q, lr, codes))
   info["seconds"] = time.perf_counter() - t0
   return LayerResult(Q, lr.L, lr.R, codes, grid.scales, grid.zeros, info)

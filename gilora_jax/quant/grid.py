@@ -62,8 +62,14 @@ class QuantGrid:
 
   def validate(self, d_in: int) -> None:
     """Raises ``ValueError`` naming the fix when this grid cannot quantize a weight with ``d_in`` rows."""
-    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+    if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+      raise ValueError(f"bits={self.bits!r} must be a Python int from 2 to 8 (got {type(self.bits).__name__}; "
+                       f"convert NumPy integers with int()).")
+    if not 2 <= self.bits <= 8:
       raise ValueError(f"bits={self.bits!r} is outside 2..8; choose an integer bit width from 2 to 8.")
+    if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)):
+      raise ValueError(f"group_size={self.group_size!r} must be a Python int or None (got "
+                       f"{type(self.group_size).__name__}).")
     if not 0.0 < self.shrink <= 1.0:
       raise ValueError(f"shrink={self.shrink!r} must lie in (0, 1]; it scales the min–max step (β in Paper A).")
     if self.group_size is not None:

@@ -38,11 +38,52 @@ def _with(a, idx, value):
     (lambda W, H: (W, H), {"method": "awq"}, "method='awq' is unknown"),
     (lambda W, H: (W, H), {"method": "srr", "srr_k": 40}, "srr_k=40"),
     (lambda W, H: (W, H), {"loops": -1}, "loops"),
+    # wrong types are named, not truncated (rank=3.7 would silently become 3) or failed on deep inside
+    (lambda W, H: (W, H), {"rank": 3.7}, "rank=3.7 must be an integer"),
+    (lambda W, H: (W, H), {"rank": None}, "rank=None must be an integer"),
+    (lambda W, H: (W, H), {"bits": 3.0}, "bits=3.0 must be an integer"),
+    (lambda W, H: (W, H), {"bits": True}, "not a bool"),
+    (lambda W, H: (W, H), {"group_size": 16.0}, "group_size=16.0 must be an integer"),
+    (lambda W, H: (W, H), {"loops": 1.5}, "loops=1.5 must be an integer"),
+    (lambda W, H: (W, H), {"block_size": 0}, "block_size=0 must be a positive integer"),
+    (lambda W, H: (W, H), {"damp": float("inf")}, "positive and finite"),
+    (lambda W, H: (W, H), {"damp": None}, "damp=None must be a positive number"),
 ])
 def test_bad_input_names_the_fix(layer, mutate, kwargs, match):
   W, H = mutate(*layer)
   with pytest.raises(ValueError, match=match):
     gj.quantize_layer(W, H, **{"method": "gilora", "bits": 3, "rank": 4, **kwargs})
+
+
+def test_numpy_integer_options_are_accepted(layer):
+  """Options read from NumPy arrays or configs (np.int64) mean the same as Python ints."""
+  kwargs = dict(method="gptq+olrc", bits=3, rank=4, group_size=16, loops=1)
+  a = gj.quantize_layer(*layer, **kwargs)
+  b = gj.quantize_layer(*layer, **{k: (np.int64(v) if isinstance(v, int) else v) for k, v in kwargs.items()})
+  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+  assert b.L.shape == (32, 4)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq+olrc"])
+def test_float32_overflow_fails_loudly(layer, method):
+  """Finite W near float32's limit makes the grid's step infinite: an error that names the fix, not NaN output."""
+  W, H = layer
+  W = np.where(W >= 0, 3e38, -3e38).astype(np.float32)
+  with pytest.raises(ValueError, match="overflowed float32.*Rescale W"):
+    gj.quantize_layer(W, H, method=method, bits=4, rank=4)
+
+
+def test_gilora_reports_the_lambda_of_its_augmented_pass():
+  """The bound is stated for the sweep's own objective: gilora damps the augmented Hessian, whose λ is
+  damp · (tr H + Σ_{i≤r} σ_i²) / (N + r), not damp · mean diag H."""
+  W, _, H = problems.layer(seed=2, d_in=48, d_out=24, n=400, decay=10)
+  r = 4
+  info = gj.quantize_layer(W, H, method="gilora", bits=3, rank=r).info
+  sig2 = np.sort(np.linalg.eigvalsh(H.astype(np.float64)))[::-1][:r]
+  np.testing.assert_allclose(info["lam"], 0.01 * (np.trace(H) + sig2.sum()) / (48 + r), rtol=1e-4)
+  plain = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=r).info
+  np.testing.assert_allclose(plain["lam"], 0.01 * np.mean(np.diag(H)), rtol=1e-5)
+  assert info["lam"] > plain["lam"] * 1.05  # the two differ on a decaying spectrum
 
 
 def test_unknown_option_is_a_type_error(layer):
