@@ -27,14 +27,26 @@ def test_sweep_is_monotone_and_rowwise_optimal(order):
   Q = np.asarray(grid_lib.dequantize(new, grid, spec))
   after = _objective(W, Q, Hd)
   assert after < before
-  if order == "forward":  # brute force: the last row visited cannot be improved by any single-level change
-    i = 39
-    s, z = np.asarray(grid.scales[i // 8]), np.asarray(grid.zeros[i // 8])
-    for j in range(12):
-      for c in range(8):
-        Q2 = Q.copy()
-        Q2[i, j] = s[j] * (c - z[j])
-        assert _objective(W, Q2, Hd) >= after - 1e-12 * after
+  # brute force: the last row visited (39 forward, 0 backward and both) cannot be improved by a one-entry change
+  i = 39 if order == "forward" else 0
+  s, z = np.asarray(grid.scales[i // 8]), np.asarray(grid.zeros[i // 8])
+  for j in range(12):
+    for c in range(8):
+      Q2 = Q.copy()
+      Q2[i, j] = s[j] * (c - z[j])
+      assert _objective(W, Q2, Hd) >= after - 1e-12 * after
+
+
+@pytest.mark.usefixtures("x64")
+def test_both_is_forward_then_backward():
+  W, _, H = problems.layer(seed=3, d_in=40, d_out=12, n=300, decay=8)
+  Hd = jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(40))
+  spec = QuantGrid(bits=3, group_size=8)
+  codes, grid = grid_lib.rtn(jnp.asarray(W), spec)
+  sweep = lambda c, order: bidup_lib.bidup(jnp.asarray(W), c, grid, Hd, spec, order=order, block_size=7)
+  both = sweep(codes, "both")
+  np.testing.assert_array_equal(np.asarray(both), np.asarray(sweep(sweep(codes, "forward"), "backward")))
+  assert not np.array_equal(np.asarray(both), np.asarray(sweep(codes, "forward")))  # the backward pass did work
 
 
 def test_block_size_does_not_change_result():

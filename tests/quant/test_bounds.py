@@ -25,6 +25,39 @@ def test_cor39_upper_bound_holds_at_8_bits(r):
   assert lhs <= rhs, (lhs, rhs)
 
 
+@pytest.mark.usefixtures("x64")
+def test_cor39_bound_discriminates_at_full_rank_budget():
+  """At r = 8 on this layer the bound is tight enough that the low-rank term matters: gilora's own Q without its
+  R, or round-to-nearest without one, breaks it (by ×8 and ×4 in float64), while gilora meets it
+  (test_cor39_upper_bound_holds_at_8_bits). So that test checks the rank term, not only the grid."""
+  W, H = problems.spectral_drop(seed=0, r=8)
+  r = 8
+  e, _ = np.linalg.eigh(H)
+  lam = 0.01 * (np.trace(H) + np.sort(e)[::-1][:r].sum()) / (H.shape[0] + r)
+  res = gj.quantize_layer(W, H, method="gilora", bits=8, rank=r, final_olrc=False)
+  rhs = float(bounds.upper_bound(jnp.asarray(e), res.scales, r, lam))
+  for Q in (np.asarray(res.Q), np.asarray(gj.quantize_layer(W, H, method="rtn", bits=8).Q)):
+    E = W - Q
+    lhs = np.sum(E * (H @ E)) + lam * np.sum(E**2)
+    assert lhs > 2 * rhs, (lhs, rhs)
+
+
+def test_upper_bound_value():
+  """¼ Σ_j δ_j² (Σ_{i>r} σ_i² + (N + r) λ) by hand: eigs [4, 1, 0], column steps max(1, ·) and 2, r = 1, λ = ½."""
+  v = bounds.upper_bound(jnp.array([1.0, 4.0, 0.0]), jnp.array([[1.0, 2.0], [0.5, 1.0]]), 1, 0.5)
+  np.testing.assert_allclose(float(v), 0.25 * (1 + 4) * (1 + (3 + 1) * 0.5), rtol=1e-6)
+
+
+def test_lower_estimate_value():
+  """λ_min(H) Σ_j N (range_j (2B+1)^{−J/(J−1)})² / 12 by hand for N = 4, N′ = 2, r = 0 (J = 4), 2 bits."""
+  W = jnp.array([[0.0, 1.0], [1.0, -1.0], [2.0, 0.0], [0.5, 0.5]])
+  J = 4 * 2 / 2
+  eps = np.array([2.0, 2.0]) * 4.0 ** (-J / (J - 1))
+  expected = 0.5 * np.sum(4 * eps**2 / 12)
+  np.testing.assert_allclose(float(bounds.lower_estimate(jnp.array([3.0, 0.5, 1.0, 2.0]), W, 2, 0)), expected,
+                             rtol=1e-6)
+
+
 def test_reported_bounds_bracket_the_error():
   W, H = problems.spectral_drop(seed=1)
   for bits in (2, 3, 4):

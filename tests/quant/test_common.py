@@ -74,6 +74,9 @@ def test_math_layer_is_jittable_and_vmappable():
   T = hessian.factor(jnp.asarray(H + np.mean(np.diag(H)) * 0.01 * np.eye(32), jnp.float32))
   spec = grid_lib.QuantGrid(bits=4)
   f = jax.jit(lambda w: gptq.gptq(w, T, spec)[0])
-  stacked = jnp.stack([jnp.asarray(W, jnp.float32), 2 * jnp.asarray(W, jnp.float32)])
+  W2, _, _ = problems.layer(seed=3, d_in=32, d_out=8, n=100)  # an independent weight (2W has W's codes)
+  stacked = jnp.stack([jnp.asarray(W, jnp.float32), jnp.asarray(W2, jnp.float32)])
   out = jax.vmap(f)(stacked)
-  np.testing.assert_array_equal(out[0], f(stacked[0]))
+  assert not np.array_equal(f(stacked[0]), f(stacked[1]))
+  for i in range(2):
+    np.testing.assert_array_equal(out[i], f(stacked[i]))
