@@ -92,3 +92,17 @@ def test_preserved_plus_residual_recovers_full_rank_weight():
   W, H = problems.spectral_drop(seed=4, d_in=16, d_out=8)
   res = gj.quantize_layer(W, H, method="srr", bits=8, rank=8, srr_k=4)
   assert res.info["rel_err"] < 1e-6
+
+
+def test_rtn_quantizer_rounds_the_residual_to_nearest():
+  """srr_quantizer='rtn': with k = 0 the residual is W itself, so the codes are RTN's, and the rank-r
+  reconstruction can only lower RTN's error; with k > 0 the codes are RTN of W − L₁R₁."""
+  W, H = problems.spectral_drop(seed=2)
+  rtn = gj.quantize_layer(W, H, method="rtn", bits=3)
+  a = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=0, srr_quantizer="rtn")
+  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(rtn.codes))
+  assert a.info["rel_err"] < rtn.info["rel_err"]
+  b = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn")
+  L1R1 = np.asarray(b.L[:, :3]) @ np.asarray(b.R[:3])
+  res = gj.quantize_layer(W - L1R1, H, method="rtn", bits=3)
+  assert np.mean(np.asarray(b.codes) == np.asarray(res.codes)) > 0.999
