@@ -14,7 +14,6 @@ dispatched back to back** before blocking on either (JAX's asynchronous dispatch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -74,11 +73,7 @@ def main(argv=None):
   bench.log(", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in s.items()))
   bench.log(f"overlap: one jit {rec['overlap_one_jit']:.2f}, dispatched {rec['overlap_dispatched']:.2f} "
             f"(1 = none, {rec['overlap_perfect']:.2f} = perfect)")
-  print(json.dumps(rec))
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  with a.out.open("a") as f:
-    f.write(json.dumps(rec) + "\n")
-  return rec
+  return bench.emit(rec, a.out)
 
 
 if __name__ == "__main__":

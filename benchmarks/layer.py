@@ -350,10 +350,15 @@ def main(argv=None):
   rec.update(machine_facts())
   rec.update(total_s=time.perf_counter() - t_all, loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0])
 
+  return emit(rec, a.out)
+
+
+def emit(rec, out):
+  """Prints the record as one JSON line on stdout and appends it to ``out`` (a results log of the benchmarks)."""
   line = json.dumps(rec, sort_keys=False)
   print(line, flush=True)
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  with open(a.out, "a", encoding="utf-8") as f:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out, "a", encoding="utf-8") as f:
     f.write(line + "\n")
   return rec
 

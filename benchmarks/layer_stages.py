@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import pathlib
 import sys
@@ -131,11 +130,7 @@ def main(argv=None):
   bench.log(", ".join(f"{k} {rec[k]:.0f}" for k in rates) + f" (shapes m×k×n: {shapes})")
   bench.log(f"factor at {rec['factor_gflops']:.0f} Gflop/s, sweep at {rec['sweep_gflops']:.0f} Gflop/s; "
             f"matmul {rate / 1e9:.0f} Gflop/s")
-  print(json.dumps(rec))
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  with a.out.open("a") as f:
-    f.write(json.dumps(rec) + "\n")
-  return rec
+  return bench.emit(rec, a.out)
 
 
 if __name__ == "__main__":
