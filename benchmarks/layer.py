@@ -200,7 +200,7 @@ def llmc_arm(W, H, n_tokens, device="cpu"):
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # pylint: disable=import-outside-toplevel
     from llmcompressor.observers import Observer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    log(f"llm-compressor not installed ({e}); skipping the peer. Install the `peer` extra (benchmarks/README.md).")
+    log(f"llm-compressor not installed ({e}); skipping the peer. Its virtual environment: benchmarks/README.md.")
     return None
   args = QuantizationArgs(num_bits=BITS, type="int", strategy="group", group_size=GROUP_SIZE, symmetric=SYMMETRIC,
                           actorder=None)
@@ -300,7 +300,7 @@ def main(argv=None):
   if not a.peer:
     log("--no-peer: skipping llm-compressor")
   elif device is None:
-    log("torch not installed; skipping the peer. Install the `peer` extra (benchmarks/README.md).")
+    log("torch not installed; skipping the peer. Its virtual environment: benchmarks/README.md.")
   # On the GPU the torch thread count does not matter: one arm, at the first count.
   thread_counts = a.torch_threads if device != "cuda" else a.torch_threads[:1]
   if llmc:
