@@ -3,13 +3,17 @@
 The only module that imports orbax. A checkpoint is a folder:
 
   path/
-    gilora_ckpt.json   {"format", "architecture", "config", "meta"}: what to rebuild, plus caller metadata
+    gilora_ckpt.json   {"format", "architecture", "config", "meta", "files", "checksum"}: what to rebuild, the
+                       caller's metadata, every other file's size and SHA-256, and a checksum of this JSON itself
     state/             orbax StandardCheckpointer output of `nnx.to_pure_dict(nnx.state(model))`
 
 Saving is atomic: everything is written into a hidden temporary sibling folder, which is renamed to `path` only
 once orbax has finished and the JSON is on disk. A crash leaves at most a `.<name>.tmp-*` folder, never a
-`path` that looks finished. Restoring builds the model abstractly (`nnx.eval_shape`) and lets orbax fill it, so
-arrays come back bit for bit in their saved dtypes.
+`path` that looks finished. Restoring first verifies every file against the manifest (`verify_files=False`
+skips it on trusted storage), so a damaged checkpoint fails with one line naming the file instead of loading
+wrong numbers; then it builds the model abstractly (`nnx.eval_shape`) and lets orbax fill it, so arrays come back
+bit for bit in their saved dtypes. `overwrite=True` replaces only a finished checkpoint that holds nothing but
+the files it wrote (`check_replaceable`).
 
 `meta` (any JSON-serialisable dict) and `build_abstract(config, meta) -> model` let callers store and restore
 models whose structure differs from the float architecture (e.g. quantized layers swapped in).
@@ -24,21 +28,28 @@ still in progress (blocks_done < num_blocks) is saved the same way under a diffe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gilora_jax import files as files_lib
 from gilora_jax.models.convert import ARCHITECTURES
 
 INFO_FILE = "gilora_ckpt.json"
 STATE_DIR = "state"
-FORMAT = "gilora_jax.ckpt/1"
+FORMAT = "gilora_jax.ckpt/2"
+LEGACY_FORMATS = ("gilora_jax.ckpt/1",)  # no file manifest: restored without verification (with a warning)
+FIX = ("re-run the command that wrote it (its options are stored in its gilora_ckpt.json) or restore the folder from "
+       "a backup.")
+
+log = logging.getLogger(__name__)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -46,22 +57,63 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
   return os.path.isfile(os.path.join(os.fspath(path), INFO_FILE))
 
 
+def looks_like_checkpoint(path: str | os.PathLike) -> bool:
+  """True for a finished checkpoint and for a folder that has a checkpoint's `state/` but lost its metadata."""
+  path = os.fspath(path)
+  return is_checkpoint(path) or (os.path.isdir(os.path.join(path, STATE_DIR))
+                                 and not os.path.isfile(os.path.join(path, "config.json")))
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+  """Raises FileExistsError unless `path` is absent or a finished checkpoint that holds only files it wrote.
+
+  This is what `overwrite=True` may replace: never a folder without our metadata (a model folder, a user's
+  folder), never a checkpoint into which someone has put files of their own.
+  """
+  folder = os.path.abspath(os.fspath(path))
+  if not os.path.exists(folder):
+    return
+  if not os.path.isdir(folder) or not is_checkpoint(folder):
+    raise FileExistsError(f"{folder} exists and is not a gilora_jax checkpoint (no {INFO_FILE}); refusing to replace "
+                          f"it. Choose another output path, or move it away yourself.")
+  info = read_info(folder)
+  if "files" not in info:
+    raise FileExistsError(f"{folder} was written by an older gilora_jax without a file list, so it cannot be told "
+                          f"apart from files added later; refusing to replace it. Delete it yourself if it is "
+                          f"disposable, or choose another output path.")
+  foreign = files_lib.foreign_files(folder, info["files"], own=(INFO_FILE,))
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise FileExistsError(f"{folder} holds files that gilora_jax did not write ({shown}); refusing to replace it. "
+                          f"Move them out, or choose another output path.")
+
+
+def _checksum(info: dict[str, Any]) -> str:
+  body = json.dumps({k: v for k, v in info.items() if k != "checksum"}, sort_keys=True)
+  return hashlib.sha256(body.encode()).hexdigest()
+
+
 def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] | None = None, *,
                overwrite: bool = False, files: dict[str, str | bytes] | None = None) -> str:
   """Atomically writes `model`'s state, config and `meta` to the folder `path`; returns its absolute path.
 
-  `model.config` must be one of the registered `ModelConfig`s. An existing `path` raises FileExistsError unless
-  `overwrite=True`, in which case it is replaced only after the new checkpoint is complete.
+  `model.config` must be one of the registered `ModelConfig`s. `files` maps extra file names to a source path
+  or their bytes (tokenizer files, records). Every file's size and SHA-256 go into the metadata, which
+  `restore_model` verifies. An existing `path` raises FileExistsError unless `overwrite=True`, and even then it is
+  replaced only if it is a finished checkpoint holding nothing but what it wrote (`check_replaceable`), and only
+  after the new checkpoint is complete.
   """
   final = os.path.abspath(os.fspath(path))
-  if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} exists; pass overwrite=True to replace it.")
+  if os.path.exists(final):
+    if not overwrite:
+      raise FileExistsError(f"{final} exists; pass overwrite=True to replace it.")
+    check_replaceable(final)
   cfg = model.config
   info = {"format": FORMAT, "architecture": cfg.architecture, "config": dataclasses.asdict(cfg), "meta": meta or {}}
-  encoded = json.dumps(info, indent=2)  # fail on non-JSON meta before writing anything
+  json.dumps(info)  # fail on non-JSON meta before writing anything
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+  tmp = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.tmp-")
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, STATE_DIR), nnx.to_pure_dict(nnx.state(model)))
@@ -69,36 +121,58 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
     for name, src in (files or {}).items():
       dst = os.path.join(tmp, name)
       if isinstance(src, bytes):
-        with open(dst, "wb") as f:
-          f.write(src)
+        files_lib.write_bytes(dst, src)
       else:
         shutil.copyfile(src, dst)
+    info["files"] = files_lib.manifest(tmp)
+    info["checksum"] = _checksum(info)
     with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:  # last: its presence marks "finished"
-      f.write(encoded)
+      f.write(json.dumps(info, indent=2))
+      f.flush()
+      os.fsync(f.fileno())
+    files_lib.fsync_dir(tmp)
     if os.path.exists(final):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+      old = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.old-")
       os.rename(final, os.path.join(old, "ckpt"))
       os.rename(tmp, final)
       shutil.rmtree(old)
     else:
       os.rename(tmp, final)
+    files_lib.fsync_dir(parent)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
 
 
-def read_info(path: str | os.PathLike) -> dict[str, Any]:
-  """The checkpoint's JSON: {"format", "architecture", "config", "meta"}."""
+def read_info(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
+  """The checkpoint's JSON: {"format", "architecture", "config", "meta", "files", "checksum"}.
+
+  Raises a one-line error naming the file when it is missing, not valid JSON, of another format, or altered
+  since it was written (its checksum).
+  """
   folder = os.path.abspath(os.fspath(path))
   info_path = os.path.join(folder, INFO_FILE)
   if not os.path.isfile(info_path):
+    if os.path.isdir(os.path.join(folder, STATE_DIR)):
+      raise FileNotFoundError(f"{info_path} is missing: {folder} has a checkpoint's {STATE_DIR}/ but not its "
+                              f"metadata (deleted, or the save never finished); {fix}")
     raise FileNotFoundError(f"{folder} is not a finished gilora_jax checkpoint (no {INFO_FILE}); a save that was "
                             f"interrupted leaves only a hidden .tmp- folder. Save the model again.")
-  with open(info_path, encoding="utf-8") as f:
-    info = json.load(f)
-  if info.get("format") != FORMAT:
+  try:
+    with open(info_path, encoding="utf-8") as f:
+      info = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise files_lib.CorruptCheckpointError(f"{info_path} is not valid JSON ({e}): the checkpoint's metadata is "
+                                           f"damaged; {fix}") from None
+  if not isinstance(info, dict) or not {"format", "architecture", "config", "meta"} <= set(info):
+    raise files_lib.CorruptCheckpointError(f"{info_path} lacks the checkpoint fields (format, architecture, config, "
+                                           f"meta); {fix}")
+  if info.get("format") not in (FORMAT, *LEGACY_FORMATS):
     raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}.")
+  if info["format"] == FORMAT and info.get("checksum") != _checksum(info):
+    raise files_lib.CorruptCheckpointError(f"{info_path} was altered after it was written (its checksum does not "
+                                           f"match); {fix}")
   if info["architecture"] not in ARCHITECTURES:
     raise ValueError(f"{info_path}: unknown architecture {info['architecture']!r}; known: {sorted(ARCHITECTURES)}.")
   return info
@@ -109,18 +183,37 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   return read_info(path)["meta"]
 
 
+def verify(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
+  """Checks every file of a checkpoint against the sizes and SHA-256 digests recorded at save time; returns the
+  info. Raises `files.CorruptCheckpointError` (a ValueError) naming the first damaged or missing file."""
+  folder = os.path.abspath(os.fspath(path))
+  info = read_info(folder, fix)
+  if "files" not in info:
+    log.warning("%s was written by an older gilora_jax without checksums; restoring it unverified.", folder)
+    return info
+  files_lib.verify(folder, info["files"], fix)
+  return info
+
+
 def restore_model(path: str | os.PathLike,
-                  build_abstract: Callable[[Any, dict[str, Any]], nnx.Module] | None = None) -> nnx.Module:
+                  build_abstract: Callable[[Any, dict[str, Any]], nnx.Module] | None = None, *,
+                  verify_files: bool = True, fix: str = FIX) -> nnx.Module:
   """Restores a `save_model` checkpoint bit-exactly.
 
   `build_abstract(config, meta)` constructs the model to restore into (it runs under `nnx.eval_shape`, so it
   allocates nothing); the default builds the registered float architecture from the stored config.
+  `verify_files=False` skips the SHA-256 check of every file (for speed on trusted storage); a checkpoint that is
+  damaged then restores wrong values or fails inside orbax. `fix` ends every error message.
   """
   folder = os.path.abspath(os.fspath(path))
-  info = read_info(folder)
+  info = verify(folder, fix) if verify_files else read_info(folder, fix)
   arch = ARCHITECTURES[info["architecture"]]
   # JSON turns tuples into lists; config fields must stay hashable (the config is static jit metadata).
-  cfg = arch.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
+  try:
+    cfg = arch.config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
+  except TypeError as e:
+    raise files_lib.CorruptCheckpointError(f"{os.path.join(folder, INFO_FILE)}: its config does not fit "
+                                           f"{arch.config_cls.__name__} ({e}); {fix}") from None
   if build_abstract is None:
     build = build_quantized if "quant" in info["meta"] else (lambda c, _: arch.model_cls(c, rngs=nnx.Rngs(0)))
   else:
@@ -129,8 +222,13 @@ def restore_model(path: str | os.PathLike,
   graphdef, state = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(folder, STATE_DIR), target)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(os.path.join(folder, STATE_DIR), target)
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types, with long tracebacks)
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise files_lib.CorruptCheckpointError(f"{os.path.join(folder, STATE_DIR)} could not be restored "
+                                           f"({type(e).__name__}: {first}); {fix}") from None
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
 

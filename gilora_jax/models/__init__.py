@@ -10,10 +10,12 @@ from gilora_jax.models import deit, qwen3
 __all__ = ["deit", "qwen3", "load_model"]
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> nnx.Module:
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+               verify: bool = True) -> nnx.Module:
   """The NNX model stored in a local folder; never downloads.
 
-  * A checkpoint written by `gilora_jax.ckpt.save_model` is restored as saved (dtype arguments are ignored).
+  * A checkpoint written by `gilora_jax.ckpt.save_model` is restored as saved (dtype arguments are ignored),
+    after every file is checked against the SHA-256 recorded at save time (`verify=False` skips that).
   * Otherwise the folder must be a HF checkpoint (config.json + safetensors). Its config.json "architectures"
     picks the port: Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher or ViTForImageClassification (`deit.DeiT`); anything else raises a
@@ -23,6 +25,6 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: 
   from gilora_jax.models import convert  # pylint: disable=import-outside-toplevel
 
   folder = convert.local_folder(path)
-  if ckpt.is_checkpoint(folder):
-    return ckpt.restore_model(folder)
+  if ckpt.looks_like_checkpoint(folder):
+    return ckpt.restore_model(folder, verify_files=verify)
   return convert.load_hf(folder, dtype=dtype, param_dtype=param_dtype)
