@@ -219,7 +219,8 @@ def torch_max_diff(folder: pathlib.Path, model, x: np.ndarray) -> float:
 
 def main(a: Args) -> dict:
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import deit, load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import deit  # pylint: disable=import-outside-toplevel
+  from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
   writer = _builtin.JsonlWriter(a.workdir)
   _builtin.write_json(a.workdir / "args.json", _builtin.args_dict(a))
   t_start = time.time()

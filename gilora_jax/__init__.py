@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
   # The model ports pull in flax/transformers; keep `import gilora_jax` light for math-only users.
   if name == "load_model":
-    from gilora_jax.models import load_model  # pylint: disable=import-outside-toplevel
+    from gilora_jax.pipeline.load import load_model  # pylint: disable=import-outside-toplevel
     return load_model
   raise AttributeError(f"module 'gilora_jax' has no attribute {name!r}")

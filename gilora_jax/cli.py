@@ -132,13 +132,13 @@ def _is_lm(model) -> bool:
 
 def _source_folder(folder: str) -> str:
   """The float model folder a checkpoint was quantized from (itself for a HF folder)."""
-  from gilora_jax import ckpt  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import ckpt  # pylint: disable=import-outside-toplevel
   return ckpt.read_meta(folder).get("source", folder) if ckpt.is_checkpoint(folder) else folder
 
 
 def _parse_rules(specs: list[str]):
   """--rule 'REGEX=bits:4,rank:0' / 'REGEX=skip' -> apply.Rule objects."""
-  from gilora_jax.apply import Rule  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline.apply import Rule  # pylint: disable=import-outside-toplevel
   rules = []
   for spec in specs or ():
     pattern, sep, body = spec.rpartition("=")
@@ -160,7 +160,7 @@ def _parse_rules(specs: list[str]):
 
 
 def _quant_config(a: argparse.Namespace):
-  from gilora_jax.apply import QuantConfig  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline.apply import QuantConfig  # pylint: disable=import-outside-toplevel
   options = {"shrink": a.shrink} if a.shrink != 1.0 else {}
   return QuantConfig(method=a.method, bits=a.bits, rank=a.rank, group_size=a.group_size, symmetric=a.sym,
                      loops=a.loops, damp=a.damp, act_order=a.act_order, seed=a.seed, protocol=a.protocol,
@@ -169,13 +169,13 @@ def _quant_config(a: argparse.Namespace):
 
 def lm_calibration(tokenizer, text: str, nsamples: int, seqlen: int, batch_size: int, seed: int):
   """GPTQ-style calibration: `nsamples` random `seqlen`-token windows of the text, in batches."""
-  from gilora_jax import calib, evaluate  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import calib, evaluate  # pylint: disable=import-outside-toplevel
   return calib.batches(calib.token_windows(evaluate.tokenize(tokenizer, text), nsamples, seqlen, seed), batch_size)
 
 
 def vision_calibration(folder: str, images_path: str, nsamples: int, batch_size: int, seed: int):
   """`nsamples` images drawn at random (seeded) from an image folder or .npz (its calib split), preprocessed."""
-  from gilora_jax import calib, evaluate  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import calib, evaluate  # pylint: disable=import-outside-toplevel
   from gilora_jax.models import deit  # pylint: disable=import-outside-toplevel
   images, _ = evaluate.load_images(images_path, split="calib")
   idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:nsamples])
@@ -199,7 +199,7 @@ def _calibration(model, folder: str, a: argparse.Namespace):
   lm = _is_lm(model)
   path = a.calib or _default_calib(folder, lm)
   if lm:
-    from gilora_jax import evaluate  # pylint: disable=import-outside-toplevel
+    from gilora_jax.pipeline import evaluate  # pylint: disable=import-outside-toplevel
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return lm_calibration(tokenizer, evaluate.load_text(path), a.nsamples, a.seqlen, a.batch_size, a.seed), path
@@ -216,8 +216,9 @@ def _tqdm(total: int, initial: int = 0):
 
 def cmd_quantize_model(a: argparse.Namespace) -> int:
   """Quantize --model block by block, with a checkpoint after every block; resume a killed run."""
-  from gilora_jax import apply, ckpt, plot  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import convert, load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import apply, ckpt, plot  # pylint: disable=import-outside-toplevel
+  from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert  # pylint: disable=import-outside-toplevel
   folder = convert.local_folder(a.model)
   if ckpt.is_checkpoint(folder):
     raise ValueError(f"{folder} is a gilora checkpoint; quantize the float HF model folder it came from.")
@@ -276,8 +277,9 @@ def cmd_quantize_model(a: argparse.Namespace) -> int:
 def evaluate_folder(folder: str, *, text: str | None = None, seqlen: int = 256, images: str | None = None,
                     batch_size: int | None = None, model=None) -> dict:
   """Perplexity (LM) or top-1 (classifier) of the model in `folder` (HF folder or gilora checkpoint)."""
-  from gilora_jax import evaluate  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import convert, load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import evaluate  # pylint: disable=import-outside-toplevel
+  from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert  # pylint: disable=import-outside-toplevel
   folder = convert.local_folder(folder)
   model = load_model(folder) if model is None else model
   source = _source_folder(folder)
@@ -310,7 +312,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-  from gilora_jax.models import convert, load_model, qwen3  # pylint: disable=import-outside-toplevel
+  from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.models import convert, qwen3  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   folder = convert.local_folder(a.model)
   model = load_model(folder)
@@ -341,8 +344,8 @@ def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, bits: i
   eval.txt (`eval_seqlen` windows); the classifier is calibrated on `vit_nsamples` images of the .npz beside it
   (its calib split) and scored by top-1 on its test split. Tables go to stderr.
   """
-  from gilora_jax import apply, evaluate  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import load_model  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import apply, evaluate  # pylint: disable=import-outside-toplevel
+  from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   rows = []
   for folder in (f for f in (lm_folder, vit_folder) if f is not None):

@@ -20,6 +20,8 @@ multiply-adds per token.
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,38 @@ class QuantizedLinear(nnx.Module):
     """`empty(...)` from a `spec()` dict."""
     return cls.empty(spec["d_in"], spec["d_out"], grid=QuantGrid(**spec["grid"]), rank=spec["rank"],
                      use_bias=spec["use_bias"], bias_dtype=spec["bias_dtype"] or "float32", dtype=spec["dtype"])
+
+
+# ------------------------------------------------------------------------------------------------ model surgery
+
+
+def get_path(module: Any, path: str) -> Any:
+  """`module.a.b.0.c` by a dotted path (integers index `nnx.List`s)."""
+  for part in path.split("."):
+    module = module[int(part)] if part.isdigit() else getattr(module, part)
+  return module
+
+
+def set_path(module: Any, path: str, value: Any) -> None:
+  """Assigns `value` at a dotted path (the NNX surgery idiom: the parent's attribute is replaced)."""
+  parent, _, name = path.rpartition(".")
+  parent = get_path(module, parent) if parent else module
+  if name.isdigit():
+    parent[int(name)] = value
+  else:
+    setattr(parent, name, value)
+
+
+def clone(model: nnx.Module) -> nnx.Module:
+  """A structurally independent copy (arrays are immutable and shared), so surgery leaves `model` untouched."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, state, copy=True)
+
+
+def quantized_specs(model: nnx.Module) -> dict[str, dict]:
+  """{module path: QuantizedLinear.spec()} for every quantized linear of `model` (what ckpt needs to rebuild it)."""
+  out = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, QuantizedLinear):
+      out[".".join(str(p) for p in path)] = module.spec()
+  return out

@@ -1,30 +1,49 @@
-"""Model ports (Qwen3, DeiT/ViT) and `load_model`, the one entry point from a local folder to an NNX model."""
+"""Model ports (Qwen3, DeiT/ViT) and their registry: which HF architecture name builds which NNX model.
+
+The ground floor of the model wing: this package imports nothing of gilora_jax above it. Reading a local folder
+into a model is `gilora_jax.load_model` (the pipeline); converting HF safetensors is `models.convert`.
+"""
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Any
 
 from flax import nnx
 
 from gilora_jax.models import deit, qwen3
 
-__all__ = ["deit", "qwen3", "load_model"]
+__all__ = ["ARCHITECTURES", "ModelSpec", "deit", "qwen3", "quant_sites", "spec_of"]
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-               verify: bool = True) -> nnx.Module:
-  """The NNX model stored in a local folder; never downloads.
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One supported HF architecture: its config class, NNX model class, and the model file's `QUANT_SITES`
+  (input site -> linear paths relative to a block; linears of one site share a Hessian)."""
+  config_cls: type
+  model_cls: type
+  quant_sites: dict[str, tuple[str, ...]]
 
-  * A checkpoint written by `gilora_jax.ckpt.save_model` is restored as saved (dtype arguments are ignored),
-    after every file is checked against the SHA-256 recorded at save time (`verify=False` skips that).
-  * Otherwise the folder must be a HF checkpoint (config.json + safetensors). Its config.json "architectures"
-    picks the port: Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher or ViTForImageClassification (`deit.DeiT`); anything else raises a
-    ValueError listing these. Weights are cast to `param_dtype` (default `dtype`), compute runs in `dtype`.
-  """
-  from gilora_jax import ckpt  # pylint: disable=import-outside-toplevel  (keeps orbax out of `import models`)
-  from gilora_jax.models import convert  # pylint: disable=import-outside-toplevel
 
-  folder = convert.local_folder(path)
-  if ckpt.looks_like_checkpoint(folder):
-    return ckpt.restore_model(folder, verify_files=verify)
-  return convert.load_hf(folder, dtype=dtype, param_dtype=param_dtype)
+# HF `architectures` name -> port. The supported set of `gilora_jax.load_model`.
+ARCHITECTURES: dict[str, ModelSpec] = {
+    qwen3.ARCHITECTURE: ModelSpec(qwen3.ModelConfig, qwen3.Qwen3, qwen3.QUANT_SITES),
+    **{name: ModelSpec(deit.ModelConfig, deit.DeiT, deit.QUANT_SITES) for name in deit.ARCHITECTURES},
+}
+
+
+def spec_of(config: Any) -> ModelSpec:
+  """The registry entry of a model config (anything with an `architecture` attribute)."""
+  name = getattr(config, "architecture", None)
+  if name not in ARCHITECTURES:
+    raise ValueError(f"{type(config).__name__} architecture {name!r} is not supported; supported: "
+                     f"{sorted(ARCHITECTURES)} (the ports in gilora_jax.models).")
+  return ARCHITECTURES[name]
+
+
+def quant_sites(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+  """The `QUANT_SITES` table of a model built by one of the ports."""
+  config = getattr(model, "config", None)
+  if config is None:
+    raise ValueError(f"{type(model).__name__} has no config; supported models are the ports in gilora_jax.models "
+                     f"(Qwen3, DeiT/ViT).")
+  return spec_of(config).quant_sites

@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from gilora_jax.models import deit, hf_config, qwen3
+from gilora_jax.models import ARCHITECTURES, ModelSpec, deit, hf_config, qwen3
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -115,24 +115,23 @@ def _vit_rules(prefix: str) -> tuple[Rule, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Architecture:
-  """What converting one HF architecture needs."""
-  config_cls: type
-  model_cls: type
+class KeyTable:
+  """How one HF architecture's tensor names map to the NNX state."""
   rules: tuple[Rule, ...]
   ignored: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # HF key regexes to skip, given the model config
 
 
-# HF `architectures` name -> how to build and fill it. The supported set of `gilora_jax.models.load_model`.
-ARCHITECTURES = {
-    qwen3.ARCHITECTURE: Architecture(
-        qwen3.ModelConfig, qwen3.Qwen3, QWEN3_RULES,
+# One key table per registered architecture (`gilora_jax.models.ARCHITECTURES`).
+KEY_TABLES = {
+    qwen3.ARCHITECTURE: KeyTable(
+        QWEN3_RULES,
         # Old exports carry RoPE buffers; tied checkpoints may still store a copy of the embedding as lm_head.
         lambda cfg: (r".*\.rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ())),
-    "DeiTForImageClassificationWithTeacher": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("deit")),
-    "DeiTForImageClassification": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("deit")),
-    "ViTForImageClassification": Architecture(deit.ModelConfig, deit.DeiT, _vit_rules("vit")),
+    "DeiTForImageClassificationWithTeacher": KeyTable(_vit_rules("deit")),
+    "DeiTForImageClassification": KeyTable(_vit_rules("deit")),
+    "ViTForImageClassification": KeyTable(_vit_rules("vit")),
 }
+assert set(KEY_TABLES) == set(ARCHITECTURES), "every registered architecture needs a key table"
 
 
 class CheckpointMismatchError(ValueError):
@@ -224,24 +223,24 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
   """
   folder = local_folder(path)
   config, where = hf_config.read_config(folder)
-  arch = ARCHITECTURES[architecture_of(config, where)]
-  cfg = arch.config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
-  return load_state(arch, cfg, _safetensors_files(folder))
+  name = architecture_of(config, where)
+  cfg = ARCHITECTURES[name].config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
+  return load_state(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder))
 
 
-def load_state(arch: Architecture, cfg, files: list[str]) -> nnx.Module:
-  """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files`."""
+def load_state(arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> nnx.Module:
+  """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files` through `table`."""
   abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   targets = {_dotted(p): (p, leaf) for p, leaf in _flatten(pure).items()}
-  ignored = [re.compile(r) for r in arch.ignored(cfg)]
+  ignored = [re.compile(r) for r in table.ignored(cfg)]
   filled, unexpected, wrong_shape = set(), [], []
   for file in files:
     for key, value in _read_tensors(file):
       if any(r.fullmatch(key) for r in ignored):
         continue
-      for rule in arch.rules:
+      for rule in table.rules:
         target = rule.hf_to_nnx(key)
         if target is not None:
           break
@@ -278,11 +277,11 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int 
   Weights are stored in the model's `param_dtype`.
   """
   cfg = model.config
-  arch = ARCHITECTURES[cfg.architecture]
+  table = KEY_TABLES[cfg.architecture]
   tensors, unmapped = {}, []
   for p, leaf in _flatten(nnx.to_pure_dict(nnx.state(model))).items():
     name = _dotted(p)
-    for rule in arch.rules:
+    for rule in table.rules:
       key = rule.nnx_to_hf(name)
       if key is not None:
         break
@@ -292,7 +291,7 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int 
     tensors[key] = np.ascontiguousarray(_to_hf(np.asarray(leaf), rule.transform))
   if unmapped:
     raise ValueError(f"cannot express these {type(model).__name__} variables as HF keys: {unmapped}. Only float "
-                     f"models convert to HF; save quantized ones with gilora_jax.ckpt.save_model.")
+                     f"models convert to HF; save quantized ones with gilora_jax.pipeline.ckpt.save_model.")
   folder = os.path.abspath(os.fspath(path))
   os.makedirs(folder, exist_ok=True)
   for stale in os.listdir(folder):  # weights of an earlier save would be mixed into ours

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gilora_jax import ckpt
-from gilora_jax.models import deit, load_model, qwen3
+from gilora_jax.pipeline import ckpt
+from gilora_jax.models import deit, qwen3
+from gilora_jax import load_model
 
 QWEN3_CFG = qwen3.ModelConfig(vocab_size=13, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, eos_token_id=(3, 5))

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from gilora_jax.models import convert, deit, load_model, qwen3
+from gilora_jax.models import convert, deit, qwen3
+from gilora_jax import load_model
 
 
 @pytest.fixture

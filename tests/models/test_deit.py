@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gilora_jax.models import deit, load_model
+from gilora_jax.models import deit
+from gilora_jax import load_model
 
 ARCHS = ["DeiTForImageClassificationWithTeacher", "DeiTForImageClassification", "ViTForImageClassification"]
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gilora_jax.models import load_model, qwen3
+from gilora_jax.models import qwen3
+from gilora_jax import load_model
 
 VARIANTS = ["gqa_tied", "mha_untied_bias"]  # tests/models/conftest.py QWEN3_VARIANTS
 

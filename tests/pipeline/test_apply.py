@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 
 import gilora_jax as gj
-from gilora_jax import apply, calib, ckpt
+from gilora_jax.pipeline import apply, calib, ckpt
 from gilora_jax.models import qwen3
+from gilora_jax import nn
 from gilora_jax.nn import QuantizedLinear, pack_codes
 from gilora_jax.quant import hessian
 
@@ -63,12 +64,12 @@ def test_hessians_follow_the_protocol(lm, lm_calib, protocol):
     for site, rel in (("attn_in", "self_attn.q_proj"), ("down_in", "mlp.down_proj")):
       H = _manual_H(lm.layers[i], xs, site)
       rec = next(r for r in out.records if r.path == f"layers.{i}.{rel}")
-      q = apply.get_path(out.model.layers[i], rel)
-      f = apply.get_path(lm.layers[i], rel)
+      q = nn.get_path(out.model.layers[i], rel)
+      f = nn.get_path(lm.layers[i], rel)
       np.testing.assert_allclose(rec.rel_err_quantized, _rel_err_q(f, q, H), rtol=2e-3)
       # The codes are quantize_layer's on that H (up to float32 round-off in H: allow rare flips).
       ref = gj.quantize_layer(np.asarray(f.kernel[...]), H.astype(np.float32), method="gptq", bits=3)
-      codes = np.asarray(apply.get_path(out.model.layers[i], rel).codes[...])
+      codes = np.asarray(nn.get_path(out.model.layers[i], rel).codes[...])
       assert np.mean(codes == np.asarray(pack_codes(ref.codes, 3))) > 0.97
   # The two streams really differ, so the check above distinguishes the protocols.
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(x1_fp, x1_q)) > 1e-3

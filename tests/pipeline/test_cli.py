@@ -13,8 +13,10 @@ import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
-from gilora_jax import apply, cli, ckpt, evaluate
-from gilora_jax.models import deit, load_model, qwen3
+from gilora_jax import cli
+from gilora_jax.pipeline import apply, ckpt, evaluate
+from gilora_jax.models import deit, qwen3
+from gilora_jax import load_model
 from gilora_jax.nn import QuantizedLinear
 
 from .tiny import make_lm
@@ -48,7 +50,7 @@ def _assert_same_state(a, b):
 
 
 def _layer_lines(caplog):
-  return [r for r in caplog.records if r.name == "gilora_jax.apply" and "rel_err" in r.getMessage()]
+  return [r for r in caplog.records if r.name == "gilora_jax.pipeline.apply" and "rel_err" in r.getMessage()]
 
 
 def test_lm_quantize_save_restore_eval(lm_folder, tmp_path, capsys, caplog):

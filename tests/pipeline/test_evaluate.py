@@ -6,8 +6,8 @@ import zlib
 import numpy as np
 import pytest
 
-from gilora_jax import evaluate, plot
-from gilora_jax.models import load_model
+from gilora_jax.pipeline import evaluate, plot
+from gilora_jax import load_model
 
 TORCH_REASON = "PyTorch CPU is the reference for the perplexity parity test (pip install -e .[test])"
 

@@ -28,16 +28,16 @@ import dataclasses
 import functools
 import logging
 import re
-import sys
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from gilora_jax import calib as calib_lib
+from gilora_jax.pipeline import calib as calib_lib
 from gilora_jax.layer import METHODS, HessianCache, LayerConfig, quantize_layer
-from gilora_jax.nn import QuantizedLinear
+from gilora_jax.models import quant_sites
+from gilora_jax.nn import QuantizedLinear, clone, get_path, set_path
 
 log = logging.getLogger(__name__)
 
@@ -149,39 +149,6 @@ class Resume(NamedTuple):
 class QuantizeOutput(NamedTuple):
   model: nnx.Module
   records: list[LayerRecord]
-
-
-def quant_sites(model: nnx.Module) -> dict[str, tuple[str, ...]]:
-  """The `QUANT_SITES` table of the model's port (site -> linear paths relative to a block)."""
-  module = sys.modules[type(model).__module__]
-  sites = getattr(module, "QUANT_SITES", None)
-  if sites is None:
-    raise ValueError(f"{type(model).__name__} ({module.__name__}) has no QUANT_SITES table; supported models are "
-                     f"the ports in gilora_jax.models (Qwen3, DeiT/ViT).")
-  return sites
-
-
-def get_path(module: Any, path: str) -> Any:
-  """`module.a.b.0.c` by a dotted path (integers index `nnx.List`s)."""
-  for part in path.split("."):
-    module = module[int(part)] if part.isdigit() else getattr(module, part)
-  return module
-
-
-def set_path(module: Any, path: str, value: Any) -> None:
-  """Assigns `value` at a dotted path (the NNX surgery idiom: the parent's attribute is replaced)."""
-  parent, _, name = path.rpartition(".")
-  parent = get_path(module, parent) if parent else module
-  if name.isdigit():
-    parent[int(name)] = value
-  else:
-    setattr(parent, name, value)
-
-
-def clone(model: nnx.Module) -> nnx.Module:
-  """A structurally independent copy (arrays are immutable and shared), so surgery leaves `model` untouched."""
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, state, copy=True)
 
 
 # Jitted per-block steps. The graphdef is static: blocks of one structure compile once.
@@ -304,12 +271,3 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     if after_block is not None:
       after_block(i, new, records)
   return QuantizeOutput(new, records)
-
-
-def quantized_specs(model: nnx.Module) -> dict[str, dict]:
-  """{module path: QuantizedLinear.spec()} for every quantized linear of `model` (what ckpt needs to rebuild it)."""
-  out = {}
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, QuantizedLinear):
-      out[".".join(str(p) for p in path)] = module.spec()
-  return out

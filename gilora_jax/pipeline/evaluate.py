@@ -226,7 +226,7 @@ def load_images(path: str | os.PathLike, split: str | None = None) -> tuple[np.n
   else:
     label_file = os.path.join(path, "labels.txt")
     if not os.path.isfile(label_file):
-      raise ValueError(f"{path}: no class subfolders and no labels.txt; see gilora_jax.evaluate for the layouts.")
+      raise ValueError(f"{path}: no class subfolders and no labels.txt; see gilora_jax.pipeline.evaluate for the layouts.")
     files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.lower().endswith(IMAGE_SUFFIXES)]
     with open(label_file, encoding="utf-8") as f:
       labels = [int(line) for line in f.read().split()]

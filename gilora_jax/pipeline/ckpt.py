@@ -23,7 +23,7 @@ Quantized models (`save_quantized`) store `meta["quant"] = {"sites": {module pat
 `restore_model` sees `meta["quant"]` and rebuilds the abstract model itself (the float architecture from the
 stored config, then `QuantizedLinear.empty` at every stored site), so restoring needs no options. A run that is
 still in progress (blocks_done < num_blocks) is saved the same way under a different folder (see
-`gilora_jax.cli`), so a partial run is never mistaken for a finished one.
+`gilora_jax.pipeline.run`), so a partial run is never mistaken for a finished one.
 """
 from __future__ import annotations
 
@@ -39,13 +39,14 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gilora_jax import files as files_lib
-from gilora_jax.models.convert import ARCHITECTURES
+from gilora_jax.pipeline import files as files_lib
+from gilora_jax import nn
+from gilora_jax.models import ARCHITECTURES
 
 INFO_FILE = "gilora_ckpt.json"
 STATE_DIR = "state"
-FORMAT = "gilora_jax.ckpt/2"
-LEGACY_FORMATS = ("gilora_jax.ckpt/1",)  # no file manifest: restored without verification (with a warning)
+FORMAT = "gilora_jax.pipeline.ckpt/2"
+LEGACY_FORMATS = ("gilora_jax.pipeline.ckpt/1",)  # no file manifest: restored without verification (with a warning)
 FIX = ("re-run the command that wrote it (its options are stored in its gilora_ckpt.json) or restore the folder from "
        "a backup.")
 
@@ -240,10 +241,9 @@ def restore_model(path: str | os.PathLike,
 
 def build_quantized(config: Any, meta: dict[str, Any]) -> nnx.Module:
   """The float architecture of `config` with `QuantizedLinear.empty` at every site in `meta["quant"]["sites"]`."""
-  from gilora_jax import apply, nn  # pylint: disable=import-outside-toplevel  (apply imports ckpt-free modules only)
   model = ARCHITECTURES[config.architecture].model_cls(config, rngs=nnx.Rngs(0))
   for path, spec in meta["quant"]["sites"].items():
-    apply.set_path(model, path, nn.QuantizedLinear.from_spec(spec))
+    nn.set_path(model, path, nn.QuantizedLinear.from_spec(spec))
   return model
 
 
@@ -255,8 +255,7 @@ def save_quantized(path: str | os.PathLike, model: nnx.Module, quant: dict[str, 
   `quant` holds at least "config" (the QuantConfig JSON), "blocks_done" and "num_blocks"; the per-site specs are
   read off the model.
   """
-  from gilora_jax import apply  # pylint: disable=import-outside-toplevel
-  meta = {**(extra_meta or {}), "quant": {**quant, "sites": apply.quantized_specs(model)}, "records": records}
+  meta = {**(extra_meta or {}), "quant": {**quant, "sites": nn.quantized_specs(model)}, "records": records}
   return save_model(path, model, meta, overwrite=overwrite, files=files)
 
 

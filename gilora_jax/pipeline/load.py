@@ -1,0 +1,26 @@
+"""`load_model`: the one entry point from a local folder (a HF checkpoint or a gilora checkpoint) to an NNX model."""
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+
+from gilora_jax.models import convert
+from gilora_jax.pipeline import ckpt
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+               verify: bool = True) -> nnx.Module:
+  """The NNX model stored in a local folder; never downloads.
+
+  * A checkpoint written by `gilora_jax.pipeline.ckpt.save_model` is restored as saved (dtype arguments are
+    ignored), after every file is checked against the SHA-256 recorded at save time (`verify=False` skips that).
+  * Otherwise the folder must be a HF checkpoint (config.json + safetensors). Its config.json "architectures"
+    picks the port: Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher or ViTForImageClassification (`deit.DeiT`); anything else raises a
+    ValueError listing these. Weights are cast to `param_dtype` (default `dtype`), compute runs in `dtype`.
+  """
+  folder = convert.local_folder(path)
+  if ckpt.looks_like_checkpoint(folder):
+    return ckpt.restore_model(folder, verify_files=verify)
+  return convert.load_hf(folder, dtype=dtype, param_dtype=param_dtype)
