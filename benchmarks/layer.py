@@ -292,7 +292,7 @@ def main(argv=None):
     ours, commit = built
     for name, (call, _) in ours.items():  # the first call compiles: timed alone, not part of the rounds
       first[name], res = call()
-      results[name] = np.asarray(res.Q, np.float32), (res.info or {}).get("damp")
+      results[name] = np.asarray(res.Q, np.float32), res.report.damp
       log(f"{name}: first call (compile + run) {first[name]:.2f} s")
       arms[name] = call, max(1, a.reps)
   device = peer_device(a.peer_device) if a.peer else None

@@ -91,28 +91,29 @@ def main(argv=None):
   malloc_tuned = bench.tune_malloc(a.malloc_tuning)
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import gilora_jax as gj  # pylint: disable=import-outside-toplevel
-  from gilora_jax import layer as L  # pylint: disable=import-outside-toplevel
-  from gilora_jax.quant.grid import QuantGrid  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant import _gptq_blocked  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant import gptq as gptq_lib  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant import hessian  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant.grid import GridSpec  # pylint: disable=import-outside-toplevel
 
   load_before = os.getloadavg()[0]
   W, H = bench.make_layer(a.d, a.n_tokens, a.seed)
   W, H = jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32)
   rate = bench.matmul_rate(a.d, a.reps)
-  spec = QuantGrid(bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC)
-  _, Tt, _, _ = L._factor(H, bench.DAMP, None, False, "cholesky")  # pylint: disable=protected-access
-  sweep = lambda: L._gptq(W, Tt, None, W, spec, True, bench.BLOCK_SIZE)  # pylint: disable=protected-access
-  s = {
-      "checks_s": best(lambda: L._prepare_h(H), a.reps),  # pylint: disable=protected-access
-      "factor_s": best(lambda: L._factor(H, bench.DAMP, None, False, "cholesky"), a.reps),  # pylint: disable=protected-access
+  spec = GridSpec(bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC)
+  factor = hessian.prepare(H, bench.DAMP).factor()
+  sweep = lambda: gptq_lib.quantize_with_factor(W, factor, spec, block_size=bench.BLOCK_SIZE)
+  s = {  # a fresh site per call: its checks and factor are memoised
+      "checks_s": best(lambda: hessian.prepare(H, bench.DAMP).Hf, a.reps),
+      "factor_s": best(lambda: hessian.prepare(H, bench.DAMP).factor().Tt, a.reps),
       "sweep_s": best(sweep, a.reps),
       "quantize_layer_s": best(lambda: gj.quantize_layer(
           W, H, method="gptq", bits=bench.BITS, group_size=bench.GROUP_SIZE, symmetric=bench.SYMMETRIC,
           damp=bench.DAMP, block_size=bench.BLOCK_SIZE, diagnostics=False).codes, a.reps),
   }
-  from gilora_jax.quant import gptq as gptq_lib  # pylint: disable=import-outside-toplevel
-  parts = sweep_parts(gptq_lib, sweep, a.reps) if hasattr(gptq_lib, "_segment") else {}
+  parts = sweep_parts(_gptq_blocked, sweep, a.reps)
   d = a.d
-  defaults = inspect.signature(gptq_lib.gptq).parameters
+  defaults = inspect.signature(gptq_lib.sweep).parameters
   b, segs = defaults["micro_block"].default, defaults["num_segments"].default
   # The sweep's product shapes: a micro-block's (b × B) @ (B × d_out), and the long one of the middle segment.
   shapes = {"micro": (b, bench.BLOCK_SIZE, d), "long": (d // segs, d // 2, d)}

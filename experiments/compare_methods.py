@@ -13,7 +13,7 @@ import json
 import pathlib
 import sys
 
-from gilora_jax import cli
+from gilora_jax.pipeline import apply, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,12 @@ class Args:
 
 
 def main(a: Args) -> list[dict]:
-  lm_builtin, vit_builtin = cli._builtin_folders()  # pylint: disable=protected-access
+  lm_builtin, vit_builtin = run.builtin_folders()
   lm = lm_builtin if a.lm == "builtin" else a.lm or None
   vit = vit_builtin if a.vit == "builtin" else a.vit or None
-  rows = cli.builtin_comparison(lm, vit, bits=a.bits, rank=a.rank, nsamples=a.nsamples, seqlen=a.seqlen,
-                                eval_seqlen=a.eval_seqlen, protocol=a.protocol, seed=a.seed,
-                                vit_nsamples=a.vit_nsamples)
+  config = apply.make_config(bits=a.bits, rank=a.rank, seed=a.seed, protocol=a.protocol)
+  rows = run.builtin_comparison(lm, vit, config=config, nsamples=a.nsamples, seqlen=a.seqlen,
+                                eval_seqlen=a.eval_seqlen, vit_nsamples=a.vit_nsamples, table=print)
   out = pathlib.Path(a.workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "args.json").write_text(json.dumps(dataclasses.asdict(a), indent=2), encoding="utf-8")

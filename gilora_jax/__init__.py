@@ -3,9 +3,10 @@
 Every linear weight becomes ``W ≈ Q + L R`` with ``Q`` on a b-bit grid and ``L R`` a rank-r
 correction, chosen to minimise the layer-wise output error ``‖X W − X (Q + L R)‖²_F``.
 """
-from gilora_jax.layer import HessianCache, LayerResult, METHODS, quantize_layer
+from gilora_jax.config import LayerConfig, QuantConfig
+from gilora_jax.layer import METHODS, LayerReport, LayerResult, quantize_layer
 
-__all__ = ["HessianCache", "LayerResult", "METHODS", "quantize_layer", "load_model"]
+__all__ = ["LayerConfig", "LayerReport", "LayerResult", "METHODS", "QuantConfig", "quantize_layer", "load_model"]
 __version__ = "0.1.0"
 
 

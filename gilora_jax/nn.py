@@ -11,7 +11,7 @@ Storage (all in `nnx.Variable`s, so `nnx.state`/orbax see every array):
   bias    nnx.Param (d_out,)      only when the float linear had one
 
 `QuantCodes` and `QuantScale` are not `nnx.Param`, so `nnx.state(model, nnx.Param)` (an optimizer's view)
-holds only L, R, biases and the float parts of the model. The grid description (`QuantGrid`: bits, group size,
+holds only L, R, biases and the float parts of the model. The grid description (`GridSpec`: bits, group size,
 symmetric, ...) is a frozen dataclass attribute, static under `jit`.
 
 The forward dequantizes Q on the fly and never forms L R: `x Q + (x L) R` costs d_in·d_out + r·(d_in + d_out)
@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gilora_jax.quant import grid as grid_lib
-from gilora_jax.quant.grid import Grid, QuantGrid
+from gilora_jax.quant.grid import Grid, GridSpec
 
 
 class QuantCodes(nnx.Variable):
@@ -74,7 +74,7 @@ class QuantizedLinear(nnx.Module):
   """
 
   def __init__(self, codes: jax.typing.ArrayLike, scales: jax.typing.ArrayLike, zeros: jax.typing.ArrayLike,
-               L: jax.typing.ArrayLike, R: jax.typing.ArrayLike, *, grid: QuantGrid,
+               L: jax.typing.ArrayLike, R: jax.typing.ArrayLike, *, grid: GridSpec,
                bias: jax.typing.ArrayLike | None = None, dtype: str = "float32"):
     """codes (d_in, d_out) unpacked integer codes; scales, zeros (G, d_out); L (d_in, r); R (r, d_out)."""
     codes = jnp.asarray(codes)
@@ -95,13 +95,13 @@ class QuantizedLinear(nnx.Module):
     self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
 
   @classmethod
-  def from_result(cls, result, *, grid: QuantGrid, bias: jax.typing.ArrayLike | None = None,
+  def from_result(cls, result, *, grid: GridSpec, bias: jax.typing.ArrayLike | None = None,
                   dtype: str = "float32") -> QuantizedLinear:
     """From a `gilora_jax.LayerResult` (codes, scales, zeros, L, R) on the grid `grid` it was quantized with."""
     return cls(result.codes, result.scales, result.zeros, result.L, result.R, grid=grid, bias=bias, dtype=dtype)
 
   @classmethod
-  def empty(cls, d_in: int, d_out: int, *, grid: QuantGrid, rank: int, use_bias: bool = False,
+  def empty(cls, d_in: int, d_out: int, *, grid: GridSpec, rank: int, use_bias: bool = False,
             bias_dtype: str = "float32", dtype: str = "float32") -> QuantizedLinear:
     """All-zero arrays of the right shapes and dtypes: the abstract layer that a checkpoint restores into."""
     g = grid.num_groups(d_in)
@@ -136,7 +136,7 @@ class QuantizedLinear(nnx.Module):
   @classmethod
   def from_spec(cls, spec: dict) -> QuantizedLinear:
     """`empty(...)` from a `spec()` dict."""
-    return cls.empty(spec["d_in"], spec["d_out"], grid=QuantGrid(**spec["grid"]), rank=spec["rank"],
+    return cls.empty(spec["d_in"], spec["d_out"], grid=GridSpec(**spec["grid"]), rank=spec["rank"],
                      use_bias=spec["use_bias"], bias_dtype=spec["bias_dtype"] or "float32", dtype=spec["dtype"])
 
 

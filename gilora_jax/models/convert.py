@@ -214,6 +214,18 @@ def _dotted(path: tuple) -> str:
   return ".".join(map(str, path))
 
 
+def abstract_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> nnx.Module:
+  """The model a HF folder holds, built abstractly from its config.json (`nnx.eval_shape`: shapes, no weights
+  read), after checking that its safetensors files are there: what lets a long job validate its options against
+  every layer's shape in a second, before loading anything."""
+  folder = local_folder(path)
+  config, where = hf_config.read_config(folder)
+  name = architecture_of(config, where)
+  cfg = ARCHITECTURES[name].config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
+  _safetensors_files(folder)
+  return nnx.eval_shape(lambda: ARCHITECTURES[name].model_cls(cfg, rngs=nnx.Rngs(0)))
+
+
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> nnx.Module:
   """Loads a local HF checkpoint folder (config.json + safetensors, single file or sharded) into an NNX model.
 

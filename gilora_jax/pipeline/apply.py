@@ -13,9 +13,9 @@ each block returns `(x, taps)`) and a `QUANT_SITES` table in its module (`qwen3`
                              calibrated on the float model's activations).
 
 Only one block's activations (for all calibration batches) are resident; Hessians accumulate batch by batch.
-Embeddings, norms and the heads stay in full precision. Per-module `Rule`s (regex on the module path, e.g.
-`layers.3.mlp.down_proj`; first match wins, qwix style) override bits/rank/method/group size/loops or skip a
-linear.
+Embeddings, norms and the heads stay in full precision. Per-module `config.Rule`s (regex on the module path,
+e.g. `layers.3.mlp.down_proj`; first match wins, qwix style) change any option of the `LayerConfig` or skip a
+linear. Every option is checked against every linear's shape (`check_config`) before the first forward pass.
 
 Resuming: `after_block(i, model, records)` is called after each finished block (the CLI checkpoints there), and
 `resume=Resume(partial_model, records, blocks_done)` continues such a run. The activations feeding the next block
@@ -24,7 +24,6 @@ resumed result is bit-identical (XLA on one machine is deterministic for a given
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import re
@@ -34,87 +33,57 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gilora_jax.pipeline import calib as calib_lib
-from gilora_jax.layer import METHODS, HessianCache, LayerConfig, quantize_layer
+from gilora_jax import config as config_lib
+from gilora_jax.config import PROTOCOLS, LayerConfig, QuantConfig, Rule
+from gilora_jax.layer import quantize_layer
 from gilora_jax.models import quant_sites
 from gilora_jax.nn import QuantizedLinear, clone, get_path, set_path
+from gilora_jax.pipeline import calib as calib_lib
+from gilora_jax.quant import hessian
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("quantized", "fp")
+__all__ = ["LayerRecord", "PROTOCOLS", "QuantConfig", "QuantizeOutput", "Resume", "Rule", "check_config",
+           "make_config", "quantize_model"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """Per-module override: modules whose path fully matches `pattern` get these settings (None = keep default).
+def make_config(config: QuantConfig | None = None, **kwargs: Any) -> QuantConfig:
+  """`config`, or one built from keyword options: `protocol`, `rules` and any flat layer option
+  (`method=..., bits=..., rank=..., loops=...`, as `quantize_layer` takes them)."""
+  if config is not None:
+    if kwargs:
+      raise TypeError("pass either config or keyword options, not both")
+    return config
+  protocol = kwargs.pop("protocol", "quantized")
+  rules = tuple(kwargs.pop("rules", ()))
+  return QuantConfig(layer=config_lib.from_flat(**kwargs), protocol=protocol, rules=rules)
 
-  Paths are dotted from the model root, e.g. `layers.0.self_attn.q_proj` (Qwen3) or
-  `layers.3.intermediate.dense` (DeiT). `skip=True` leaves the module in full precision.
+
+def check_config(model: nnx.Module, config: QuantConfig) -> list[tuple[str, LayerConfig | None]]:
+  """Validates `config` against every quantizable linear of `model` before any work: options, rules and each
+  layer's shape (rank, group size). Works on an abstract model (`nnx.eval_shape`), so the CLI runs it before
+  loading a single weight. Returns `(path, LayerConfig or None for skipped)` per linear, in quantization order;
+  a rule that matches no linear is logged as a warning (a typo in a pattern would otherwise pass silently).
+
+  Raises `config.OptionError` (a ValueError) naming the option, the layer and the fix.
   """
-  pattern: str
-  method: str | None = None
-  bits: int | None = None
-  rank: int | None = None
-  group_size: int | None = None
-  loops: int | None = None
-  skip: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-  """Every option of a model quantization run (the one config object; stored in the checkpoint's meta)."""
-  method: str = "gilora"
-  bits: int = 3
-  rank: int = 16
-  group_size: int | None = None
-  symmetric: bool = False
-  loops: int = 0
-  damp: float = 0.01
-  act_order: bool = False
-  seed: int = 0
-  protocol: str = "quantized"
-  rules: tuple[Rule, ...] = ()
-  options: tuple[tuple[str, Any], ...] = ()  # further quantize_layer options (shrink, mse, diagnostics, ...)
-
-  def validate(self) -> None:
-    if self.method not in METHODS:
-      raise ValueError(f"method={self.method!r} is unknown; choose one of {METHODS}.")
-    if self.protocol not in PROTOCOLS:
-      raise ValueError(f"protocol={self.protocol!r} is unknown; choose one of {PROTOCOLS}.")
-    known = {f.name for f in dataclasses.fields(LayerConfig)}
-    bad = {k for k, _ in self.options} - known
-    if bad:
-      raise ValueError(f"unknown quantize_layer option(s) {sorted(bad)}; valid: {sorted(known)}.")
-    for r in self.rules:
-      re.compile(r.pattern)
-      if r.method is not None and r.method not in METHODS:
-        raise ValueError(f"rule {r.pattern!r}: method={r.method!r} is unknown; choose one of {METHODS}.")
-
-  def for_module(self, path: str) -> dict[str, Any] | None:
-    """quantize_layer keyword arguments for the module at `path`, or None when a rule skips it."""
-    kw = dict(method=self.method, bits=self.bits, rank=self.rank, group_size=self.group_size,
-              symmetric=self.symmetric, loops=self.loops, damp=self.damp, act_order=self.act_order, seed=self.seed,
-              **dict(self.options))
-    for rule in self.rules:
-      if re.fullmatch(rule.pattern, path):
-        if rule.skip:
-          return None
-        kw.update({k: v for k in ("method", "bits", "rank", "group_size", "loops")
-                   if (v := getattr(rule, k)) is not None})
-        break
-    return kw
-
-  def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["options"] = dict(self.options)
-    return d
-
-  @classmethod
-  def from_json(cls, d: dict[str, Any]) -> QuantConfig:
-    d = dict(d)
-    d["rules"] = tuple(Rule(**r) for r in d.get("rules", ()))
-    d["options"] = tuple(sorted(d.get("options", {}).items()))
-    return cls(**d)
+  config.validate()
+  plan, matched = [], set()
+  for i in range(len(model.layers)):
+    for paths in quant_sites(model).values():
+      for rel in paths:
+        path = f"layers.{i}.{rel}"
+        cfg = config.for_module(path)
+        matched.update(r.pattern for r in config.rules if re.fullmatch(r.pattern, path))
+        if cfg is not None:
+          d_in, d_out = get_path(model.layers[i], rel).kernel.shape
+          cfg.validate_shape(d_in, d_out, where=path)
+        plan.append((path, cfg))
+  for r in config.rules:
+    if r.pattern not in matched:
+      log.warning("rule %r matches no quantizable linear (paths look like %s); it has no effect.", r.pattern,
+                  plan[0][0] if plan else "layers.0...")
+  return plan
 
 
 class LayerRecord(NamedTuple):
@@ -178,14 +147,12 @@ def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
   return xs
 
 
-def _quantize_linear(linear: nnx.Linear, H: jax.Array, kw: dict[str, Any],
-                     cache: HessianCache) -> tuple[QuantizedLinear, dict]:
+def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig):
   W = np.asarray(linear.kernel[...], np.float32)
-  res = quantize_layer(W, H, hessian_cache=cache, **kw)
-  spec = LayerConfig(**{k: v for k, v in kw.items() if k not in ("damp", "seed")}).spec
+  res = quantize_layer(W, site, config=cfg)
   bias = None if linear.bias is None else linear.bias[...]
-  return QuantizedLinear.from_result(res, grid=spec, bias=bias, dtype=str(np.dtype(linear.dtype or "float32"))), \
-      res.info
+  dtype = str(np.dtype(linear.dtype or "float32"))
+  return QuantizedLinear.from_result(res, grid=cfg.grid, bias=bias, dtype=dtype), res.report
 
 
 def _log_record(r: LayerRecord) -> None:
@@ -208,7 +175,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   Args:
     model: a float model from `gilora_jax.models` (left unchanged).
     calib: calibration batches (`calib.CalibBatch`: inputs for `model.embed`, optional right-padded token mask).
-    config: a `QuantConfig`; or pass its fields as keyword arguments (`method=..., bits=..., rank=...`).
+    config: a `QuantConfig`; or keyword options (`make_config`: `method=..., bits=..., rank=..., protocol=...`).
     resume: continue a run from its last finished block (see the module docstring).
     after_block: called as `after_block(i, model, records)` after block i is quantized.
     progress: wraps the block iterator (e.g. `tqdm.tqdm`); the library itself prints nothing.
@@ -216,14 +183,9 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   Returns:
     `QuantizeOutput(model, records)`: the quantized model (a copy) and one `LayerRecord` per quantized linear.
   """
-  if config is None:
-    config = QuantConfig(**kwargs)
-  elif kwargs:
-    raise TypeError("pass either config or keyword options, not both")
-  config.validate()
-  if not calib:
-    raise ValueError("quantize_model needs at least one calibration batch.")
-  calib_lib.check_right_padded(calib)
+  config = make_config(config, **kwargs)
+  check_config(model, config)
+  calib_lib.check_batches(calib)
   sites = quant_sites(model)
   num_blocks = len(model.layers)
 
@@ -248,24 +210,27 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       stats = _block_stats(graphdef, state, x, mask, stats)
     float_block = clone(block) if config.protocol == "fp" else None  # the fp protocol propagates through it
     for site, paths in sites.items():
-      H = stats[site].xtx
-      cache = HessianCache()  # the site's projections share H: check, factorise, decompose it once
-      for rel in paths:
-        path = f"layers.{i}.{rel}"
-        kw = config.for_module(path)
-        if kw is None:
-          continue
-        linear = get_path(block, rel)
-        qlin, info = _quantize_linear(linear, H, kw, cache)
+      chosen = [(rel, config.for_module(f"layers.{i}.{rel}")) for rel in paths]
+      chosen = [(rel, cfg) for rel, cfg in chosen if cfg is not None]
+      if not chosen:
+        continue
+      if int(stats[site].count) == 0:
+        raise ValueError(f"block {i}, {site} ({', '.join(paths)}): no calibration tokens reached this layer (every "
+                         f"token masked out, or empty windows); check the calibration seqlen/nsamples and masks.")
+      # the site's projections share H: checked, factored and decomposed once for all of them
+      prepared = hessian.prepare(stats[site].xtx, chosen[0][1].damp, method=chosen[0][1].gptq.factor)
+      for rel, cfg in chosen:
+        qlin, rep = _quantize_linear(get_path(block, rel), prepared, cfg)
         set_path(block, rel, qlin)
         rec = LayerRecord(
-            block=i, site=site, path=path, d_in=qlin.in_features, d_out=qlin.out_features, method=kw["method"],
-            bits=kw["bits"], rank=qlin.rank, group_size=kw["group_size"], loops=kw["loops"],
-            rel_err_quantized=info.get("rel_err_quantized"), rel_err_method=info.get("rel_err_method"),
-            rel_err=info.get("rel_err"), upper_bound=info.get("upper_bound"),
-            lower_estimate=info.get("lower_estimate"), damp=info["damp"], seconds=info["seconds"])
+            block=i, site=site, path=f"layers.{i}.{rel}", d_in=qlin.in_features, d_out=qlin.out_features,
+            method=cfg.method, bits=cfg.grid.bits, rank=qlin.rank, group_size=cfg.grid.group_size,
+            loops=cfg.refine.loops, rel_err_quantized=rep.rel_err_quantized, rel_err_method=rep.rel_err_method,
+            rel_err=rep.rel_err, upper_bound=rep.upper_bound, lower_estimate=rep.lower_estimate, damp=rep.damp,
+            seconds=rep.seconds)
         records.append(rec)
         _log_record(rec)
+      del prepared
     del stats
     xs = _forward(block if config.protocol == "quantized" else float_block, xs)
     if after_block is not None:

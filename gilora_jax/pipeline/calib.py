@@ -62,6 +62,20 @@ def batches(inputs: np.ndarray, batch_size: int, mask: np.ndarray | None = None)
           for i in range(0, n, batch_size)]
 
 
+def check_batches(calib: Sequence[CalibBatch]) -> None:
+  """Raises ValueError, before any work, for an empty calibration set, an empty batch, a batch with no real
+  token, or left padding (`check_right_padded`)."""
+  if not calib:
+    raise ValueError("quantize_model needs at least one calibration batch.")
+  for k, b in enumerate(calib):
+    if np.size(b.inputs) == 0:
+      raise ValueError(f"calibration batch {k} is empty (inputs of shape {np.shape(b.inputs)}); every window needs "
+                       f"at least one token (seqlen ≥ 1) and every batch one sample.")
+  if all(b.mask is not None and not np.asarray(b.mask, bool).any() for b in calib):
+    raise ValueError("every calibration token is masked out as padding; no layer would see any data.")
+  check_right_padded(calib)
+
+
 def check_right_padded(calib: Sequence[CalibBatch]) -> None:
   """Raises ValueError if a mask row has a real token after a pad (left padding is not supported)."""
   for b in calib:

@@ -36,12 +36,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from gilora_jax.quant import grid as grid_lib
-from gilora_jax.quant.grid import Grid, QuantGrid
+from gilora_jax.quant.grid import Grid, GridSpec
+from gilora_jax.quant.linalg import HIGHEST
 
-HIGHEST = lax.Precision.HIGHEST
 
-
-def _forward_sweep(Wt, codes, Hd, grid: Grid, row_group, spec: QuantGrid, block_size: int):
+def _forward_sweep(Wt, codes, Hd, grid: Grid, row_group, spec: GridSpec, block_size: int):
   """One forward pass over the rows; returns the new float codes."""
   d_in, d_out = Wt.shape
   B = max(1, min(block_size, d_in))
@@ -84,7 +83,7 @@ def bidup(
     codes: jax.Array,
     grid: Grid,
     Hd: jax.Array,
-    spec: QuantGrid,
+    spec: GridSpec,
     *,
     row_group: jax.Array | None = None,
     order: str = "forward",

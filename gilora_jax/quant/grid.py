@@ -34,8 +34,24 @@ _MSE_MAXSHRINK = 0.8
 _MSE_NORM = 2.4
 
 
+class OptionError(ValueError):
+  """An option no computation can use, with the fix. ``str(e)`` reads ``name=value <problem>``; the CLI shows
+  ``e.render(cli=True)``, which reads ``--name value <problem>``. ``{name}`` in the problem names the option the
+  same way (so a message can say "use {name} ≤ 64")."""
+
+  def __init__(self, name: str, value, problem: str):
+    self.name, self.value, self.problem = name, value, problem
+    super().__init__(self.render())
+
+  def render(self, cli: bool = False) -> str:
+    if cli:
+      spelled = "--" + self.name.replace("_", "-")
+      return f"{spelled} {self.value} {self.problem.format(name=spelled)}"
+    return f"{self.name}={self.value!r} {self.problem.format(name=self.name)}"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantGrid:
+class GridSpec:
   """Static, hashable description of a uniform grid (safe as a ``jax.jit`` static argument).
 
   Attributes:
@@ -47,7 +63,7 @@ class QuantGrid:
     mse: search the clip ratio per column minimising Σ|q − w|^2.4 (the reference's ``mse=True``); overrides
       ``shrink``.
   """
-  bits: int = 4
+  bits: int
   group_size: int | None = None
   symmetric: bool = False
   shrink: float = 1.0
@@ -60,24 +76,28 @@ class QuantGrid:
   def num_groups(self, d_in: int) -> int:
     return 1 if self.group_size is None else d_in // self.group_size
 
-  def validate(self, d_in: int) -> None:
-    """Raises ``ValueError`` naming the fix when this grid cannot quantize a weight with ``d_in`` rows."""
+  def validate(self, d_in: int | None = None, where: str = "") -> None:
+    """Raises ``OptionError`` (a ValueError) naming the fix when this grid cannot quantize a weight with
+    ``d_in`` rows (``d_in=None``: the options alone). ``where`` names the layer in the message."""
     if not isinstance(self.bits, int) or isinstance(self.bits, bool):
-      raise ValueError(f"bits={self.bits!r} must be a Python int from 2 to 8 (got {type(self.bits).__name__}; "
-                       f"convert NumPy integers with int()).")
+      raise OptionError("bits", self.bits, f"must be a Python int from 2 to 8 (got {type(self.bits).__name__}; "
+                        f"convert NumPy integers with int()).")
     if not 2 <= self.bits <= 8:
-      raise ValueError(f"bits={self.bits!r} is outside 2..8; choose an integer bit width from 2 to 8.")
+      raise OptionError("bits", self.bits, "is outside 2..8; choose an integer bit width from 2 to 8.")
     if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)):
-      raise ValueError(f"group_size={self.group_size!r} must be a Python int or None (got "
-                       f"{type(self.group_size).__name__}).")
-    if not 0.0 < self.shrink <= 1.0:
-      raise ValueError(f"shrink={self.shrink!r} must lie in (0, 1]; it scales the min–max step (β in Paper A).")
-    if self.group_size is not None:
-      if self.group_size <= 0 or d_in % self.group_size:
-        divisors = [g for g in (32, 64, 128, 256) if d_in % g == 0]
-        raise ValueError(
-            f"group_size={self.group_size} does not divide d_in={d_in}; use a divisor of {d_in}"
-            + (f" such as {divisors}" if divisors else "") + ", or group_size=None for per-channel grids.")
+      raise OptionError("group_size", self.group_size, f"must be a Python int or None (got "
+                        f"{type(self.group_size).__name__}).")
+    if self.group_size is not None and self.group_size <= 0:
+      raise OptionError("group_size", self.group_size, "must be a positive integer (rows per grid), or unset for "
+                        "per-channel grids.")
+    if not (isinstance(self.shrink, (int, float)) and 0.0 < self.shrink <= 1.0):
+      raise OptionError("shrink", self.shrink, "must lie in (0, 1]; it scales the min–max step (β in Paper A).")
+    if d_in is not None and self.group_size is not None and d_in % self.group_size:
+      divisors = [g for g in (32, 64, 128, 256) if d_in % g == 0]
+      at = f" of {where}" if where else ""
+      raise OptionError(
+          "group_size", self.group_size, f"does not divide d_in={d_in}{at}; use a divisor of {d_in}"
+          + (f" such as {divisors}" if divisors else "") + ", or leave {name} unset for per-channel grids.")
 
 
 class Grid(NamedTuple):
@@ -86,7 +106,7 @@ class Grid(NamedTuple):
   zeros: jax.Array   # (G, d_out) float32, integer-valued in [0, maxq] (asymmetric) or (maxq + 1) / 2
 
 
-def _minmax_params(xmin, xmax, spec: QuantGrid, shrink):
+def _minmax_params(xmin, xmax, spec: GridSpec, shrink):
   """Scale and zero point for per-column ranges [xmin, xmax] (already widened to contain 0)."""
   maxq = spec.maxq
   if spec.symmetric:
@@ -103,7 +123,7 @@ def _minmax_params(xmin, xmax, spec: QuantGrid, shrink):
   return shrink * scale0, zero
 
 
-def fit_columns(Wg: jax.Array, spec: QuantGrid) -> tuple[jax.Array, jax.Array]:
+def fit_columns(Wg: jax.Array, spec: GridSpec) -> tuple[jax.Array, jax.Array]:
   """Fits one (scale, zero) per column of ``Wg`` (the rows of one group).
 
   Asymmetric: ``xmin = min(min_t w_t, 0)``, ``xmax = max(max_t w_t, 0)``, ``s = β (xmax − xmin) / maxq``,
@@ -121,9 +141,9 @@ def fit_columns(Wg: jax.Array, spec: QuantGrid) -> tuple[jax.Array, jax.Array]:
     ``(scale, zero)``, each (d_out,) float32.
 
   Example:
-    >>> s, z = fit_columns(jnp.array([[-1.0, 0.0], [3.0, 2.0]]), QuantGrid(bits=2))
-    >>> s.tolist(), z.tolist()
-    ([1.3333333730697632, 0.6666666865348816], [1.0, 0.0])
+    >>> s, z = fit_columns(jnp.array([[-1.0, 0.0], [3.0, 2.0]]), GridSpec(bits=2))
+    >>> s.tolist(), z.tolist() == [1.0, 0.0]
+    ([1.3333333730697632, 0.6666666865348816], True)
   """
   Wg = Wg.astype(jnp.promote_types(Wg.dtype, jnp.float32))
   xmin = jnp.minimum(Wg.min(axis=0), 0.0)
@@ -158,13 +178,13 @@ def dequantize_rows(c: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Arra
   return scale * (c - zero)
 
 
-def contiguous_row_group(d_in: int, spec: QuantGrid) -> jax.Array:
+def contiguous_row_group(d_in: int, spec: GridSpec) -> jax.Array:
   """The (d_in,) group index ``t // g`` (all zeros per-channel)."""
   g = d_in if spec.group_size is None else spec.group_size
   return jnp.arange(d_in, dtype=jnp.int32) // g
 
 
-def fit_grid(W: jax.Array, spec: QuantGrid) -> Grid:
+def fit_grid(W: jax.Array, spec: GridSpec) -> Grid:
   """Fits every group of ``W`` at once (round-to-nearest, or the *static* grid of GPTQ's static groups).
 
   Args:
@@ -181,20 +201,26 @@ def fit_grid(W: jax.Array, spec: QuantGrid) -> Grid:
   return Grid(scales, zeros)
 
 
-def quantize(W: jax.Array, grid: Grid, spec: QuantGrid, row_group: jax.Array | None = None) -> jax.Array:
+def quantize(W: jax.Array, grid: Grid, spec: GridSpec, row_group: jax.Array | None = None) -> jax.Array:
   """Round-to-nearest codes of ``W`` on a fitted grid: (d_in, d_out) uint8."""
   row_group = contiguous_row_group(W.shape[0], spec) if row_group is None else row_group
   c = quantize_rows(W, grid.scales[row_group], grid.zeros[row_group], spec.maxq)
   return c.astype(jnp.uint8)
 
 
-def dequantize(codes: jax.Array, grid: Grid, spec: QuantGrid, row_group: jax.Array | None = None) -> jax.Array:
+def dequantize(codes: jax.Array, grid: Grid, spec: GridSpec, row_group: jax.Array | None = None) -> jax.Array:
   """Float weights ``s · (c − z)`` of the codes: (d_in, d_out) float32."""
   row_group = contiguous_row_group(codes.shape[0], spec) if row_group is None else row_group
   return dequantize_rows(codes.astype(grid.scales.dtype), grid.scales[row_group], grid.zeros[row_group])
 
 
-def rtn(W: jax.Array, spec: QuantGrid) -> tuple[jax.Array, Grid]:
+def rtn(W: jax.Array, spec: GridSpec) -> tuple[jax.Array, Grid]:
   """Round-to-nearest baseline: fit each group's grid on W, round every weight to its nearest level."""
   grid = fit_grid(W, spec)
   return quantize(W, grid, spec), grid
+
+
+def rtn_dequantized(W: jax.Array, spec: GridSpec) -> tuple[jax.Array, Grid, jax.Array]:
+  """``rtn`` plus the dequantized weights: ``(codes, grid, Q)``, the shape every quantizer of the library returns."""
+  codes, grid = rtn(W, spec)
+  return codes, grid, dequantize(codes, grid, spec)

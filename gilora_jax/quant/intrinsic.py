@@ -31,14 +31,17 @@ References:
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from gilora_jax.quant import gptq as gptq_lib
 from gilora_jax.quant import hessian
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from gilora_jax.quant.grid import Grid, GridSpec
+from gilora_jax.quant.linalg import HIGHEST
+from gilora_jax.quant.lowrank import LowRank
 
 
 class IntrinsicHessian(NamedTuple):
@@ -49,19 +52,21 @@ class IntrinsicHessian(NamedTuple):
   lam: jax.Array     # () the damping λ used
 
 
-def deflate(H: jax.Array, rank: int, damp: float | jax.Array) -> IntrinsicHessian:
+def deflate(H: jax.Array, rank: int, damp: float | jax.Array,
+            eig: tuple[jax.Array, jax.Array] | None = None) -> IntrinsicHessian:
   """The Schur-complement Hessian of the augmented problem, its L = V_r, and the ridge factors.
 
   Args:
     H: (N, N) Hessian XᵀX (undamped; dead features fixed).
     rank: r, static.
     damp: relative damping; ``λ = damp · (tr H + Σ_{i≤r} σ_i²) / (N + r)``.
+    eig: H's eigenpairs in descending order (``linalg.eigh_desc``) when already computed (a site's).
 
   Returns:
     ``IntrinsicHessian(S, V, shrink, lam)``.
   """
   N = H.shape[0]
-  sig2, V = hessian.top_eigh(H, rank)
+  sig2, V = hessian.top_eigh(H, rank) if eig is None else (eig[0][:rank], eig[1][:, :rank])
   sig2 = jnp.maximum(sig2, 0.0)
   lam = damp * (jnp.trace(H) + jnp.sum(sig2)) / (N + rank)
   S = H + lam * jnp.eye(N, dtype=H.dtype) - jnp.matmul(V * (sig2**2 / (sig2 + lam))[None, :], V.T, precision=HIGHEST)
@@ -71,3 +76,56 @@ def deflate(H: jax.Array, rank: int, damp: float | jax.Array) -> IntrinsicHessia
 def ridge_r(ih: IntrinsicHessian, E: jax.Array) -> jax.Array:
   """``R = diag(σ²/(σ²+λ)) V_rᵀ (W − Q)``: the trailing rows the augmented sweep would leave, given E = W − Q."""
   return ih.shrink[:, None] * jnp.matmul(ih.V.T, E, precision=HIGHEST)
+
+
+class GiloraResult(NamedTuple):
+  """``gilora``'s result: ``W ≈ Q + L R`` with ``L = V_r`` and R the trailing rows of the augmented sweep."""
+  codes: jax.Array          # (d_in, d_out) uint8
+  grid: Grid                # (G, d_out)
+  Q: jax.Array              # (d_in, d_out) dequantized codes
+  lr: LowRank               # L = V_r (d_in, r), R (r, d_out)
+  ih: IntrinsicHessian      # the deflated Hessian, V_r, the ridge factors and the augmented pass's λ
+  factor: hessian.Factor    # the factor of S the sweep used (``factor.damp``: damping after any escalation)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "act_order", "method"))
+def _deflated_factor(H, e, V, damp, rank: int, act_order: bool, method: str):
+  """gilora's parts, the deflated Hessian S in sweep order, its transposed factor, and whether it is finite."""
+  ih = deflate(H, rank, damp, eig=(e, V))
+  perm = jnp.argsort(-jnp.diagonal(ih.S), stable=True) if act_order else None
+  Tt = hessian.factor(ih.S if perm is None else ih.S[perm][:, perm], method, transpose=True)
+  return ih, Tt, perm, hessian.factor_ok(Tt)
+
+
+_ridge = jax.jit(lambda ih, W, Q: ridge_r(ih, W - Q))
+
+
+def gilora(W: jax.Array, H: jax.Array | hessian.Site, spec: GridSpec, rank: int, *, damp: float = 0.01,
+           act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+           factor: str = "cholesky") -> GiloraResult:
+  """GPTQ-intrinsic LoRA (Paper A, Alg. 3): GPTQ on the deflated Hessian S, then the ridge R (module docstring).
+
+  Args:
+    W: (d_in, d_out) weights.
+    H: (d_in, d_in) ``XᵀX``, or a ``hessian.Site`` (its eigendecomposition is shared with SRR and the bounds).
+    spec: the grid.
+    rank: r, the number of top eigenvectors of H taken as L.
+    damp, act_order, static_groups, block_size, factor: as ``gptq.gptq``; λ is the augmented pass's.
+
+  Returns:
+    ``GiloraResult(codes, grid, Q, lr, ih, factor)``. Paper A follows it with one OLrC of Q
+    (``lowrank.olrc``, or ``refine.refine`` with ``loops=0``).
+  """
+  site = hessian.prepare(H, damp, method=factor)
+  W = jnp.asarray(W, site.Hf.dtype)
+  Wz = site.zero_dead(W)
+
+  def make():
+    e, V = site.eigh()
+    used, (ih, Tt, perm) = site.escalate(lambda d: _deflated_factor(site.Hf, e, V, d, rank, act_order, factor),
+                                         damp, factor)
+    return ih, hessian.Factor(Tt, perm, used)
+  ih, f = site.memo(("gilora", rank, damp, act_order, factor), make)
+  codes, grid, Q = gptq_lib.quantize_with_factor(Wz, f, spec, W_grid=W, static_groups=static_groups,
+                                                 block_size=block_size)
+  return GiloraResult(codes, grid, Q, LowRank(ih.V, _ridge(ih, Wz, Q)), ih, f)

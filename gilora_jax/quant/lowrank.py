@@ -34,7 +34,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from gilora_jax.quant import linalg
+from gilora_jax.quant.linalg import mm as _mm
 
 
 class LowRank(NamedTuple):
@@ -43,14 +44,10 @@ class LowRank(NamedTuple):
   R: jax.Array  # (r, d_out)
 
 
-def _mm(a, b):
-  return jnp.matmul(a, b, precision=HIGHEST)
-
-
 def _top_eigh(M: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Top-r eigenpairs of a PSD Gram matrix, plus its trace: ``(e_r (r,), V_r (n, r), tr M)``."""
-  e, V = jnp.linalg.eigh(0.5 * (M + M.T))
-  return e[::-1][:r], V[:, ::-1][:, :r], jnp.trace(M)
+  e, V = linalg.top_eigh(M, r)
+  return e, V, jnp.trace(M)
 
 
 def olrc(E: jax.Array, Hd: jax.Array, rank: int, *, T: jax.Array | None = None) -> tuple[LowRank, jax.Array]:
@@ -87,8 +84,7 @@ def olrc(E: jax.Array, Hd: jax.Array, rank: int, *, T: jax.Array | None = None) 
 
 def lorc(E: jax.Array, rank: int) -> LowRank:
   """Unweighted low-rank compensation (ZeroQuant-V2 LoRC): the rank-r truncated SVD of E."""
-  U, s, Vt = jnp.linalg.svd(E, full_matrices=False)
-  return LowRank(U[:, :rank] * s[None, :rank], Vt[:rank])
+  return LowRank(*linalg.truncated_svd(E, rank))
 
 
 def objective(E: jax.Array, Hd: jax.Array) -> jax.Array:

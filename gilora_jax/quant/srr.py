@@ -30,21 +30,29 @@ References:
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from gilora_jax.quant import gptq as gptq_lib
+from gilora_jax.quant import grid as grid_lib
+from gilora_jax.quant import hessian, linalg
+from gilora_jax.quant.grid import Grid, GridSpec
+from gilora_jax.quant.linalg import mm as _mm
 from gilora_jax.quant.lowrank import LowRank
 
-HIGHEST = jax.lax.Precision.HIGHEST
 SCALINGS = ("identity", "diag", "exact")
 
 
-def _mm(a, b):
-  return jnp.matmul(a, b, precision=HIGHEST)
+def scaling(H: jax.Array, kind: str, lam: float | jax.Array,
+            eig: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(S, S⁻¹)`` for ``kind`` in ``identity``, ``diag``, ``exact`` (damped by λ so S is invertible).
 
-
-def scaling(H: jax.Array, kind: str, lam: float | jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(S, S⁻¹)`` for ``kind`` in ``identity``, ``diag``, ``exact`` (damped by λ so S is invertible)."""
+  ``exact`` is ``H_λ^{1/2}`` from H's eigenpairs (``eig``, a site's ``eigh()``, or computed here): the
+  eigenvalues ``e + λ``, floored at λ against round-off negatives.
+  """
   N = H.shape[0]
   eye = jnp.eye(N, dtype=H.dtype)
   if kind == "identity":
@@ -53,16 +61,16 @@ def scaling(H: jax.Array, kind: str, lam: float | jax.Array) -> tuple[jax.Array,
     s = jnp.sqrt(jnp.diagonal(H) + lam)
     return jnp.diag(s), jnp.diag(1.0 / s)
   if kind == "exact":
-    e, V = jnp.linalg.eigh(0.5 * (H + H.T) + lam * eye)
-    e = jnp.maximum(e, lam)
+    e, V = linalg.eigh_desc(H) if eig is None else eig
+    e = jnp.maximum(e + lam, lam)
     return _mm(V * jnp.sqrt(e)[None, :], V.T), _mm(V / jnp.sqrt(e)[None, :], V.T)
   raise ValueError(f"SRR scaling {kind!r} is unknown; use one of {SCALINGS}.")
 
 
 def truncated(A: jax.Array, S_inv: jax.Array, p: int) -> LowRank:
   """``S⁻¹ SVD_p(A)`` as factors: ``L = S⁻¹ U_p Σ_p``, ``R = V_pᵀ``."""
-  U, s, Vt = jnp.linalg.svd(A, full_matrices=False)
-  return LowRank(_mm(S_inv, U[:, :p] * s[None, :p]), Vt[:p])
+  L, R = linalg.truncated_svd(A, p)
+  return LowRank(_mm(S_inv, L), R)
 
 
 def tail_fractions(s: jax.Array, r: int) -> jax.Array:
@@ -88,3 +96,73 @@ def choose_k(W: jax.Array, S: jax.Array, rank: int, key: jax.Array) -> jax.Array
 def concat(a: LowRank, b: LowRank) -> LowRank:
   """``[L_a L_b]``, ``[R_a; R_b]``."""
   return LowRank(jnp.concatenate([a.L, b.L], axis=1), jnp.concatenate([a.R, b.R], axis=0))
+
+
+class SRRResult(NamedTuple):
+  """``srr``'s result: ``W ≈ Q + L R`` with ``L R = [L₁ L₂][R₁; R₂]`` (k preserved, r − k reconstructed)."""
+  codes: jax.Array                  # (d_in, d_out) uint8, the quantized residual W − L₁R₁
+  grid: Grid                        # (G, d_out)
+  Q: jax.Array                      # (d_in, d_out)
+  lr: LowRank                       # (d_in, r), (r, d_out): the first k columns preserve, the rest reconstruct
+  k: int                            # the preserved rank used
+  factor: hessian.Factor | None     # the GPTQ base quantizer's factor (None for RTN)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "kind"))
+def _preserve(W, H, eig, lam, key, k_fixed, rank: int, kind: str):
+  """Scaling, k (criterion unless k_fixed ≥ 0), the preserved term masked to its first k components, residual."""
+  S, S_inv = scaling(H, kind, lam, eig)
+  k = jnp.where(k_fixed >= 0, k_fixed, choose_k(W, S, rank, key))
+  pres = truncated(_mm(S, W), S_inv, rank)
+  keep = jnp.arange(rank) < k
+  pres = LowRank(pres.L * keep[None, :], pres.R * keep[:, None])
+  return S, S_inv, k, pres, W - _mm(pres.L, pres.R)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "rank"))
+def _reconstruct(Wres, codes, grid, S, S_inv, pres, k, spec: GridSpec, rank: int):
+  """``S⁻¹ SVD_{r−k}(S E)`` and the rank-r concatenation [L₁ L₂] with the first k of L₁, first r−k of L₂."""
+  E = Wres - grid_lib.dequantize(codes, grid, spec)
+  rec = truncated(_mm(S, E), S_inv, rank)
+  both = concat(pres, rec)  # (d_in, 2r): keep columns i < k of the first, i < r − k of the second
+  i = jnp.arange(rank)
+  idx = jnp.where(i < k, i, rank + i - k)
+  return LowRank(both.L[:, idx], both.R[idx])
+
+
+_rtn = jax.jit(grid_lib.rtn_dequantized, static_argnames=("spec",))
+
+
+def srr(W: jax.Array, H: jax.Array | hessian.Site, spec: GridSpec, rank: int, *, k: int | None = None,
+        scaling: str = "exact", quantizer: str = "gptq", seed: int = 0, damp: float = 0.01,
+        act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+        factor: str = "cholesky") -> SRRResult:
+  """Preserve-then-quantize (Paper B): the four steps of the module docstring.
+
+  Args:
+    W: (d_in, d_out) weights.
+    H: (d_in, d_in) ``XᵀX``, or a ``hessian.Site`` (its eigendecomposition serves the exact scaling).
+    spec: the grid.
+    rank: the rank budget r = k + (r − k).
+    k: the preserved rank, or None for the criterion ``choose_k`` (one seeded probe).
+    scaling: ``identity``, ``diag`` or ``exact`` (``scaling``), damped by ``λ = damp · mean diag H``.
+    quantizer: the base quantizer of the residual, ``"gptq"`` (with ``damp``, ``act_order``, ``static_groups``,
+      ``block_size``, ``factor`` as ``gptq.gptq``) or ``"rtn"``.
+    seed: the PRNG seed of the criterion's probe.
+
+  Returns:
+    ``SRRResult(codes, grid, Q, lr, k, factor)``.
+  """
+  site = hessian.prepare(H, damp, method=factor)
+  Wz = site.zero_dead(jnp.asarray(W, site.Hf.dtype))
+  eig = site.eigh() if scaling == "exact" else None
+  S, S_inv, kk, pres, Wres = _preserve(Wz, site.Hf, eig, damp * site.mean_diag, jax.random.key(seed),
+                                       -1 if k is None else k, rank, scaling)
+  f = None
+  if quantizer == "rtn":
+    codes, grid, Q = _rtn(Wres, spec)
+  else:
+    f = site.factor(damp, act_order=act_order, method=factor)
+    codes, grid, Q = gptq_lib.quantize_with_factor(Wres, f, spec, static_groups=static_groups, block_size=block_size)
+  lr = _reconstruct(Wres, codes, grid, S, S_inv, pres, kk, spec, rank)
+  return SRRResult(codes, grid, Q, lr, int(kk), f)

@@ -34,8 +34,8 @@ def test_layer_stages_smoke(tmp_path):
   assert all(rec[k] > 0 for k in ("checks_s", "factor_s", "sweep_s", "quantize_layer_s", "sweep_left_s",
                                   "sweep_segments_s", "matmul_micro_gflops", "matmul_long_gflops"))
   # The timing wrappers are taken off again: the driver's stages are the module's own functions afterwards.
-  from gilora_jax.quant import gptq  # pylint: disable=import-outside-toplevel
-  assert hasattr(gptq._segment, "lower") and hasattr(gptq._left, "lower")  # pylint: disable=protected-access
+  from gilora_jax.quant import _gptq_blocked  # pylint: disable=import-outside-toplevel
+  assert hasattr(_gptq_blocked._segment, "lower") and hasattr(_gptq_blocked._left, "lower")  # pylint: disable=protected-access
 
 
 def test_peer_device_follows_jax():

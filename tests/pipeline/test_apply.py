@@ -117,7 +117,7 @@ def test_hessian_update_masks_tokens(rng):
 
 def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
   """Checkpoint after block 0, restore, resume: the same codes, L, R and logits as one uninterrupted run."""
-  cfg = apply.QuantConfig(method="gptq+olrc", bits=3, rank=4, protocol="fp")
+  cfg = apply.make_config(method="gptq+olrc", bits=3, rank=4, protocol="fp")
   saved = {}
 
   def after_block(i, model, records):
@@ -139,7 +139,8 @@ def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
 def test_quant_config_json_round_trip():
   """What a checkpoint's metadata stores (to_json, through JSON text) reads back as the same config."""
   import json  # pylint: disable=import-outside-toplevel
-  config = apply.QuantConfig(method="gilora", bits=3, rank=8, group_size=32, loops=1,
-                             rules=(apply.Rule(pattern=r".*down_proj", bits=4), apply.Rule(pattern=r".*q_proj", skip=True)),
-                             options=(("mse", True), ("shrink", 0.9)))
+  config = apply.make_config(method="gilora", bits=3, rank=8, group_size=32, loops=1, mse=True, shrink=0.9,
+                             rules=(apply.Rule(r".*down_proj", bits=4, bidup_order="both"),
+                                    apply.Rule(r".*q_proj", skip=True)))
+  assert config.layer.grid.mse and config.layer.refine.loops == 1
   assert apply.QuantConfig.from_json(json.loads(json.dumps(config.to_json()))) == config

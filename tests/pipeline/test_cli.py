@@ -14,7 +14,7 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 from gilora_jax import cli
-from gilora_jax.pipeline import apply, ckpt, evaluate
+from gilora_jax.pipeline import apply, ckpt, data, evaluate, run
 from gilora_jax.models import deit, qwen3
 from gilora_jax import load_model
 from gilora_jax.nn import QuantizedLinear
@@ -55,20 +55,20 @@ def _layer_lines(caplog):
 
 def test_lm_quantize_save_restore_eval(lm_folder, tmp_path, capsys, caplog):
   out = str(tmp_path / "q")
-  rc, lines, err = _run(capsys, "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
+  rc, lines, err = _run(capsys, "-v", "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
   assert rc == 0, err
   assert lines[0]["layers"] == 14 and lines[0]["blocks"] == 2 and lines[0]["resumed_from_block"] is None
   assert "blocks: 100%" in err and len(_layer_lines(caplog)) == 14  # tqdm over blocks, one log line per layer
-  assert not os.path.exists(out + cli.PARTIAL_SUFFIX)
-  records = _jsonl(os.path.join(out, cli.RECORDS_FILE))
+  assert not os.path.exists(out + run.PARTIAL_SUFFIX)
+  records = _jsonl(os.path.join(out, run.RECORDS_FILE))
   assert [r["path"] for r in records[:3]] == [f"layers.0.self_attn.{p}_proj" for p in "qkv"]
   assert all(r["rel_err"] <= r["rel_err_quantized"] for r in records)  # OLrC only ever lowers the error
-  png = evaluate.read_image(os.path.join(out, cli.PLOT_FILE))
+  png = data.read_image(os.path.join(out, run.PLOT_FILE))
   assert png.shape[2] == 3 and png.min() < 255
 
   # The CLI's result is the library's on the same calibration windows, bit for bit, and survives the round trip.
   tok = AutoTokenizer.from_pretrained(lm_folder)
-  calib = cli.lm_calibration(tok, _text(os.path.join(lm_folder, "calib.txt")), 4, 32, 2, 0)
+  calib = data.lm_calibration(tok, _text(os.path.join(lm_folder, "calib.txt")), 4, 32, 2, 0)
   ref = apply.quantize_model(load_model(lm_folder), calib, method="gptq+olrc", bits=3, rank=4).model
   restored = load_model(out)  # no options passed: the checkpoint rebuilds its own abstract model
   assert isinstance(restored.layers[1].mlp.down_proj, QuantizedLinear)
@@ -78,7 +78,7 @@ def test_lm_quantize_save_restore_eval(lm_folder, tmp_path, capsys, caplog):
 
   rc, lines, err = _run(capsys, "eval", "--model", out, "--seqlen", "64")
   assert rc == 0, err
-  text_ids = evaluate.tokenize(tok, _text(os.path.join(lm_folder, "eval.txt")))
+  text_ids = data.tokenize(tok, _text(os.path.join(lm_folder, "eval.txt")))
   want = evaluate.perplexity(ref, text_ids, 64)
   assert lines[0]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
   assert lines[0]["tokens"] == want["tokens"] == (len(text_ids) // 64) * 63
@@ -104,7 +104,7 @@ def test_vit_quantize_eval(vit_folder, tmp_path, capsys):
   assert lines[0]["layers"] == 2 * 6 - 2 and lines[0]["protocol"] == "fp"
   restored = load_model(out)
   float_model = load_model(vit_folder)
-  calib = cli.vision_calibration(vit_folder, npz, 8, 4, 0)
+  calib = data.vision_calibration(vit_folder, data.load_images(npz, split="calib")[0], 8, 4, 0)
   rules = (apply.Rule(skip, skip=True), apply.Rule(q4, bits=4, rank=0))
   ref = apply.quantize_model(float_model, calib, method="gptq+olrc", bits=3, rank=4, protocol="fp", rules=rules).model
   _assert_same_state(ref, restored)
@@ -119,7 +119,7 @@ def test_vit_quantize_eval(vit_folder, tmp_path, capsys):
   np.testing.assert_array_equal(np.asarray(deit.forward(ref, px)), np.asarray(deit.forward(restored, px)))
   rc, lines, err = _run(capsys, "eval", "--model", out, "--images", npz)
   assert rc == 0, err
-  images, labels = evaluate.load_images(npz)
+  images, labels = data.load_images(npz)
   logits = np.asarray(deit.forward(ref, deit.preprocess(images, vit_folder)))
   assert lines[0] == {"model": out, "images_path": npz, "top1": float(np.mean(logits.argmax(-1) == labels)),
                       "images": 24}
@@ -133,7 +133,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, capsys, caplog):
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "float32"}
   proc = subprocess.Popen([sys.executable, "-m", "gilora_jax.cli", *argv], env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
-  partial = out + cli.PARTIAL_SUFFIX
+  partial = out + run.PARTIAL_SUFFIX
   deadline = time.monotonic() + 150
   while not ckpt.is_checkpoint(partial) and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)
@@ -143,12 +143,12 @@ def test_killed_run_resumes_bit_identical(tmp_path, capsys, caplog):
   done = ckpt.read_meta(partial)["quant"]["blocks_done"]
   assert 1 <= done < 3 and not ckpt.is_checkpoint(out)
 
-  rc, lines, err = _run(capsys, *argv)  # the same command again
+  rc, lines, err = _run(capsys, "-v", *argv)  # the same command again
   assert rc == 0, err
   assert lines[0]["resumed_from_block"] == done and f"resuming {partial} from block {done}" in caplog.text
   assert len(_layer_lines(caplog)) == 7 * (3 - done)  # only the missing blocks were quantized
   # The uninterrupted result, from the library on the same calibration windows.
-  calib = cli.lm_calibration(AutoTokenizer.from_pretrained(folder), _text(os.path.join(folder, "calib.txt")), 4, 32,
+  calib = data.lm_calibration(AutoTokenizer.from_pretrained(folder), _text(os.path.join(folder, "calib.txt")), 4, 32,
                              2, 0)
   ref = apply.quantize_model(load_model(folder), calib, method="gptq+olrc", bits=3, rank=4)
   resumed = load_model(out)
@@ -156,13 +156,13 @@ def test_killed_run_resumes_bit_identical(tmp_path, capsys, caplog):
   ids = np.arange(64, dtype=np.int32).reshape(2, 32)
   np.testing.assert_array_equal(np.asarray(qwen3.forward(resumed, ids)), np.asarray(qwen3.forward(ref.model, ids)))
   strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
-  assert strip(_jsonl(os.path.join(out, cli.RECORDS_FILE))) == strip([r._asdict() for r in ref.records])
+  assert strip(_jsonl(os.path.join(out, run.RECORDS_FILE))) == strip([r._asdict() for r in ref.records])
 
 
 def test_resume_refuses_other_options(lm_folder, tmp_path, capsys):
   out = str(tmp_path / "q")
   model = load_model(lm_folder)
-  ckpt.save_quantized(out + cli.PARTIAL_SUFFIX, model, {"config": {}, "num_blocks": 2, "blocks_done": 1}, [],
+  ckpt.save_quantized(out + run.PARTIAL_SUFFIX, model, {"config": {}, "num_blocks": 2, "blocks_done": 1}, [],
                       extra_meta={"run": {}})
   rc, _, err = _run(capsys, "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
   assert rc == 2 and "unfinished run with other options" in err

@@ -7,7 +7,7 @@ from flax import nnx
 
 import gilora_jax as gj
 from gilora_jax.nn import QuantCodes, QuantScale, QuantizedLinear, pack_codes, packed_rows, unpack_codes
-from gilora_jax.quant.grid import QuantGrid
+from gilora_jax.quant.grid import GridSpec
 
 
 @pytest.mark.parametrize("bits,d_in", [(2, 6), (3, 7), (4, 8), (5, 5), (8, 3)])
@@ -30,7 +30,7 @@ def test_forward_matches_layer_result(method, group_size, bias, rng):
   W = (0.3 * rng.standard_normal((d_in, d_out))).astype(np.float32)
   res = gj.quantize_layer(W, X.T @ X, method=method, bits=3, rank=4, group_size=group_size)
   b = rng.standard_normal(d_out).astype(np.float32) if bias else None
-  lin = QuantizedLinear.from_result(res, grid=QuantGrid(bits=3, group_size=group_size), bias=b)
+  lin = QuantizedLinear.from_result(res, grid=GridSpec(bits=3, group_size=group_size), bias=b)
   np.testing.assert_array_equal(np.asarray(lin.dequantized()), np.asarray(res.Q))  # bit-exact storage
   x = rng.standard_normal((2, 3, d_in)).astype(np.float32)
   want = x @ (np.asarray(res.Q) + np.asarray(res.L) @ np.asarray(res.R)) + (0 if b is None else b)
@@ -40,7 +40,7 @@ def test_forward_matches_layer_result(method, group_size, bias, rng):
 
 
 def test_empty_matches_structure_and_param_filter(rng):
-  grid = QuantGrid(bits=4, group_size=8)
+  grid = GridSpec(bits=4, group_size=8)
   full = QuantizedLinear(rng.integers(0, 16, (16, 10)), np.ones((2, 10)), np.zeros((2, 10)), np.zeros((16, 3)),
                          np.zeros((3, 10)), grid=grid, bias=np.zeros(10, np.float32))
   abstract = nnx.eval_shape(lambda: QuantizedLinear.from_spec(full.spec()))
@@ -55,4 +55,4 @@ def test_empty_matches_structure_and_param_filter(rng):
 def test_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="scales/zeros"):
     QuantizedLinear(np.zeros((8, 4), np.uint8), np.ones((2, 4)), np.zeros((2, 4)), np.zeros((8, 1)),
-                    np.zeros((1, 4)), grid=QuantGrid(bits=3))
+                    np.zeros((1, 4)), grid=GridSpec(bits=3))

@@ -6,7 +6,7 @@ import pytest
 import gilora_jax as gj
 from gilora_jax.quant import bidup as bidup_lib
 from gilora_jax.quant import grid as grid_lib
-from gilora_jax.quant.grid import QuantGrid
+from gilora_jax.quant.grid import GridSpec
 from tests.quant import problems
 
 
@@ -20,7 +20,7 @@ def _objective(Wt, Q, Hd):
 def test_sweep_is_monotone_and_rowwise_optimal(order):
   W, _, H = problems.layer(seed=0, d_in=40, d_out=12, n=300, decay=8)
   Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(40)
-  spec = QuantGrid(bits=3, group_size=8)
+  spec = GridSpec(bits=3, group_size=8)
   codes, grid = grid_lib.rtn(jnp.asarray(W), spec)
   before = _objective(W, grid_lib.dequantize(codes, grid, spec), Hd)
   new = bidup_lib.bidup(jnp.asarray(W), codes, grid, jnp.asarray(Hd), spec, order=order, block_size=7)
@@ -41,7 +41,7 @@ def test_sweep_is_monotone_and_rowwise_optimal(order):
 def test_both_is_forward_then_backward():
   W, _, H = problems.layer(seed=3, d_in=40, d_out=12, n=300, decay=8)
   Hd = jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(40))
-  spec = QuantGrid(bits=3, group_size=8)
+  spec = GridSpec(bits=3, group_size=8)
   codes, grid = grid_lib.rtn(jnp.asarray(W), spec)
   sweep = lambda c, order: bidup_lib.bidup(jnp.asarray(W), c, grid, Hd, spec, order=order, block_size=7)
   both = sweep(codes, "both")
@@ -52,7 +52,7 @@ def test_both_is_forward_then_backward():
 def test_block_size_does_not_change_result():
   W, _, H = problems.layer(seed=1, d_in=64, d_out=16, n=300)
   Hd = jnp.asarray(H + 0.01 * np.mean(np.diag(H)) * np.eye(64), jnp.float32)
-  spec = QuantGrid(bits=2)
+  spec = GridSpec(bits=2)
   codes, grid = grid_lib.rtn(jnp.asarray(W, jnp.float32), spec)
   a = bidup_lib.bidup(jnp.asarray(W, jnp.float32), codes, grid, Hd, spec, block_size=1)
   b = bidup_lib.bidup(jnp.asarray(W, jnp.float32), codes, grid, Hd, spec, block_size=16)
@@ -65,7 +65,7 @@ def test_refinement_loops_monotone(method, deflated):
   W, H = problems.spectral_drop(seed=2)
   res = gj.quantize_layer(W, H, method=method, bits=2, rank=8, loops=3, bidup_deflated=deflated,
                           bidup_order="both")
-  obj = np.asarray(res.info["objective"])
+  obj = np.asarray(res.report.objective)
   assert np.all(np.diff(obj) <= 1e-5 * obj[0]), obj
   assert obj[-1] < obj[0]
 
@@ -75,4 +75,4 @@ def test_deflated_variant_changes_codes_after_olrc():
   W, H = problems.spectral_drop(seed=3)
   lit = gj.quantize_layer(W, H, method="gilora", bits=3, rank=8, loops=3)
   dfl = gj.quantize_layer(W, H, method="gilora", bits=3, rank=8, loops=3, bidup_deflated=True)
-  assert dfl.info["objective"][-1] < lit.info["objective"][-1]
+  assert dfl.report.objective[-1] < lit.report.objective[-1]

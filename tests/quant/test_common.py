@@ -36,7 +36,7 @@ def test_battery(problem, method, opts):
   for a in (res.Q, res.L, res.R, res.scales, res.zeros):
     assert bool(jnp.all(jnp.isfinite(a)))
   assert bool(jnp.all(res.scales > 0))
-  spec = grid_lib.QuantGrid(bits=bits, group_size=group)
+  spec = grid_lib.GridSpec(bits=bits, group_size=group)
   np.testing.assert_array_equal(grid_lib.dequantize(res.codes, grid_lib.Grid(res.scales, res.zeros), spec), res.Q)
   # The dead feature is zeroed in Q (any value is optimal; zero is the reference's choice).
   np.testing.assert_array_equal(np.asarray(res.Q[3]), 0.0)
@@ -44,7 +44,7 @@ def test_battery(problem, method, opts):
   again = gj.quantize_layer(W, H, method=method, bits=bits, rank=rank, group_size=group, **opts)
   np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(res.codes))
   np.testing.assert_array_equal(np.asarray(again.L), np.asarray(res.L))
-  assert 0 <= res.info["rel_err"] < 1
+  assert 0 <= res.report.rel_err < 1
 
 
 @pytest.mark.parametrize("method, opts", METHODS[:-1], ids=IDS[:-1])
@@ -72,8 +72,8 @@ def test_math_layer_is_jittable_and_vmappable():
   from gilora_jax.quant import gptq, hessian  # pylint: disable=import-outside-toplevel
   W, _, H = problems.layer(seed=2, d_in=32, d_out=8, n=100)
   T = hessian.factor(jnp.asarray(H + np.mean(np.diag(H)) * 0.01 * np.eye(32), jnp.float32))
-  spec = grid_lib.QuantGrid(bits=4)
-  f = jax.jit(lambda w: gptq.gptq(w, T, spec)[0])
+  spec = grid_lib.GridSpec(bits=4)
+  f = jax.jit(lambda w: gptq.sweep(w, T, spec)[0])
   W2, _, _ = problems.layer(seed=3, d_in=32, d_out=8, n=100)  # an independent weight (2W has W's codes)
   stacked = jnp.stack([jnp.asarray(W, jnp.float32), jnp.asarray(W2, jnp.float32)])
   out = jax.vmap(f)(stacked)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gilora_jax.quant import grid as grid_lib
-from gilora_jax.quant.grid import QuantGrid
+from gilora_jax.quant.grid import GridSpec
 
 
 def _numpy_fit(w, bits, symmetric):
@@ -22,7 +22,7 @@ def _numpy_fit(w, bits, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_fit_matches_formula(rng, bits, symmetric):
   W = rng.standard_normal((64, 16)).astype(np.float32)
-  s, z = grid_lib.fit_columns(jnp.asarray(W), QuantGrid(bits=bits, symmetric=symmetric))
+  s, z = grid_lib.fit_columns(jnp.asarray(W), GridSpec(bits=bits, symmetric=symmetric))
   s_ref, z_ref = _numpy_fit(W.astype(np.float64), bits, symmetric)
   np.testing.assert_allclose(s, s_ref, rtol=1e-6)
   np.testing.assert_array_equal(z, z_ref)
@@ -31,7 +31,7 @@ def test_fit_matches_formula(rng, bits, symmetric):
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_grid_exact_weights_are_reproduced(rng, group_size):
   bits, d_in, d_out = 3, 64, 8
-  spec = QuantGrid(bits=bits, group_size=group_size)
+  spec = GridSpec(bits=bits, group_size=group_size)
   G = spec.num_groups(d_in)
   scales = rng.uniform(0.1, 1.0, (G, d_out))
   zeros = rng.integers(0, 8, (G, d_out)).astype(np.float64)
@@ -48,15 +48,15 @@ def test_grid_exact_weights_are_reproduced(rng, group_size):
 def test_codes_range_and_dtype(rng):
   W = jnp.asarray(rng.standard_t(3, (32, 8)), jnp.float32)
   for bits in range(2, 9):
-    c, _ = grid_lib.rtn(W, QuantGrid(bits=bits))
+    c, _ = grid_lib.rtn(W, GridSpec(bits=bits))
     assert c.dtype == jnp.uint8
     assert int(c.min()) >= 0 and int(c.max()) <= 2**bits - 1
 
 
 def test_shrink_scales_step(rng):
   W = jnp.asarray(rng.standard_normal((32, 4)), jnp.float32)
-  s1, z1 = grid_lib.fit_columns(W, QuantGrid(bits=3))
-  s9, z9 = grid_lib.fit_columns(W, QuantGrid(bits=3, shrink=0.9))
+  s1, z1 = grid_lib.fit_columns(W, GridSpec(bits=3))
+  s9, z9 = grid_lib.fit_columns(W, GridSpec(bits=3, shrink=0.9))
   np.testing.assert_allclose(s9, 0.9 * s1, rtol=1e-6)
   np.testing.assert_array_equal(z9, z1)
 
@@ -66,7 +66,7 @@ def test_mse_search_never_worse_than_minmax(rng):
   for bits in (2, 3, 4):
     err = {}
     for mse in (False, True):
-      spec = QuantGrid(bits=bits, mse=mse)
+      spec = GridSpec(bits=bits, mse=mse)
       c, grid = grid_lib.rtn(W, spec)
       err[mse] = np.sum(np.abs(np.asarray(grid_lib.dequantize(c, grid, spec)) - np.asarray(W)) ** 2.4, axis=0)
     assert np.all(err[True] <= err[False] * (1 + 1e-6))
@@ -74,7 +74,7 @@ def test_mse_search_never_worse_than_minmax(rng):
 
 
 def test_all_zero_column_gets_unit_range():
-  s, z = grid_lib.fit_columns(jnp.zeros((8, 2)), QuantGrid(bits=2))
+  s, z = grid_lib.fit_columns(jnp.zeros((8, 2)), GridSpec(bits=2))
   np.testing.assert_allclose(s, [2 / 3, 2 / 3], rtol=1e-6)
   c = grid_lib.quantize_rows(jnp.zeros((8, 2)), s[None], z[None], 3)
   np.testing.assert_array_equal(grid_lib.dequantize_rows(c, s[None], z[None]), 0.0)
@@ -84,4 +84,4 @@ def test_all_zero_column_gets_unit_range():
                                         (dict(group_size=48), "does not divide"), (dict(shrink=0.0), "shrink")])
 def test_validation_names_the_fix(bad, match):
   with pytest.raises(ValueError, match=match):
-    QuantGrid(**bad).validate(128)
+    GridSpec(**{"bits": 4, **bad}).validate(128)

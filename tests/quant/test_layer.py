@@ -78,12 +78,12 @@ def test_gilora_reports_the_lambda_of_its_augmented_pass():
   damp · (tr H + Σ_{i≤r} σ_i²) / (N + r), not damp · mean diag H."""
   W, _, H = problems.layer(seed=2, d_in=48, d_out=24, n=400, decay=10)
   r = 4
-  info = gj.quantize_layer(W, H, method="gilora", bits=3, rank=r).info
+  info = gj.quantize_layer(W, H, method="gilora", bits=3, rank=r).report
   sig2 = np.sort(np.linalg.eigvalsh(H.astype(np.float64)))[::-1][:r]
-  np.testing.assert_allclose(info["lam"], 0.01 * (np.trace(H) + sig2.sum()) / (48 + r), rtol=1e-4)
-  plain = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=r).info
-  np.testing.assert_allclose(plain["lam"], 0.01 * np.mean(np.diag(H)), rtol=1e-5)
-  assert info["lam"] > plain["lam"] * 1.05  # the two differ on a decaying spectrum
+  np.testing.assert_allclose(info.lam, 0.01 * (np.trace(H) + sig2.sum()) / (48 + r), rtol=1e-4)
+  plain = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=r).report
+  np.testing.assert_allclose(plain.lam, 0.01 * np.mean(np.diag(H)), rtol=1e-5)
+  assert info.lam > plain.lam * 1.05  # the two differ on a decaying spectrum
 
 
 def test_unknown_option_is_a_type_error(layer):
@@ -96,29 +96,77 @@ def test_rank_deficient_hessian_is_handled(caplog):
   W, _, H = problems.layer(seed=1, d_in=64, d_out=16, n=20)
   with caplog.at_level(logging.WARNING):
     res = gj.quantize_layer(W, H, method="gilora", bits=3, rank=4)
-  assert np.isfinite(res.info["rel_err"]) and np.all(np.isfinite(np.asarray(res.Q)))
+  assert np.isfinite(res.report.rel_err) and np.all(np.isfinite(np.asarray(res.Q)))
 
 
-def test_indefinite_hessian_escalates_then_succeeds(layer, caplog):
+def _rank_deficient(seed=0, n=8, d_in=24, d_out=40):
+  """H = XᵀX of fewer tokens than features in float32: PSD up to round-off, singular to working precision."""
+  rng = np.random.default_rng(seed)
+  X = rng.standard_normal((n, d_in)).astype(np.float32)
+  return rng.standard_normal((d_in, d_out)).astype(np.float32), X.T @ X
+
+
+def test_round_off_escalates_the_damping_then_succeeds(caplog):
+  """A singular Gram matrix with a tiny damp fails Cholesky by round-off only: the damping is escalated."""
+  W, H = _rank_deficient()
+  with caplog.at_level(logging.WARNING, logger="gilora_jax.quant.hessian"):
+    res = gj.quantize_layer(W, H, method="gptq", bits=3, damp=1e-9)
+  assert any("not positive definite" in r.getMessage() for r in caplog.records)
+  assert res.report.damp > 1e-9 and res.report.rel_err >= 0
+  assert np.all(np.isfinite(np.asarray(res.Q)))
+
+
+def test_singular_hessian_beyond_escalation_names_the_fix():
+  W, H = _rank_deficient()
+  with pytest.raises(ValueError, match="too close to singular.*larger damp"):
+    gj.quantize_layer(W, H, method="gptq", bits=3, damp=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gilora", "srr", "gptq+olrc"])
+def test_indefinite_hessian_is_refused_not_damped(layer, method):
+  """An eigenvalue ≈ −2 × mean diag (the diagonal stays ≥ 0): damping would hide it and the reported error
+  could go negative (it did: −0.113); a Hessian that cannot be XᵀX is refused, naming the likely cause."""
   W, H = layer
   H = H.copy()
   v = np.zeros(32, np.float32)
   v[:2] = 1.0
-  H -= 3.0 * np.mean(np.diag(H)) * np.outer(v, v) / 2  # an eigenvalue ≈ −2 × mean diag, diagonal stays ≥ 0
+  H -= 3.0 * np.mean(np.diag(H)) * np.outer(v, v) / 2
   H[0, 0] = H[1, 1] = np.mean(np.diag(H))
-  with caplog.at_level(logging.WARNING, logger="gilora_jax.layer"):
-    res = gj.quantize_layer(W, H, method="gptq", bits=3)
-  assert any("not positive definite" in r.getMessage() for r in caplog.records)
-  assert res.info["damp"] > 0.01
-  assert np.all(np.isfinite(np.asarray(res.Q)))
+  with pytest.raises(ValueError, match="not positive semi-definite.*not built as XᵀX"):
+    gj.quantize_layer(W, H, method=method, bits=3, rank=4)
 
 
 def test_hopelessly_indefinite_hessian_fails_loudly(layer):
   W, _ = layer
   H = np.eye(32, dtype=np.float32)
   H[0, 1] = H[1, 0] = 1e4  # eigenvalue ≈ −1e4 ≫ 100 × mean diag
-  with pytest.raises(ValueError, match="not positive definite even with damp"):
+  with pytest.raises(ValueError, match="not positive semi-definite"):
     gj.quantize_layer(W, H, method="gptq", bits=3)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gilora", "srr"])
+def test_all_zero_hessian_names_the_missing_tokens(layer, method):
+  """No calibration token reached the layer (seqlen 0, an all-padding mask): H = 0 used to give rel_err 0."""
+  W, H = layer
+  with pytest.raises(ValueError, match="H is all zero: no calibration tokens reached this layer"):
+    gj.quantize_layer(W, np.zeros_like(H), method=method, bits=3, rank=4)
+
+
+def test_reported_errors_are_never_negative(layer):
+  """Every error of the report is ≥ 0: an indefinite H that slips past the factor (eigenvalue −0.5 λ) makes
+  tr(EᵀHE) negative, and the call fails instead of reporting it."""
+  W, H = layer
+  lam = 0.01 * np.mean(np.diag(H))
+  e, V = np.linalg.eigh(H.astype(np.float64))
+  H_bad = ((V * np.maximum(e, 0)) @ V.T - 0.5 * lam * np.outer(V[:, 0], V[:, 0])).astype(np.float32)
+  W_bad = (np.outer(V[:, 0], np.ones(16)) * 3.0).astype(np.float32)  # all of W in the negative direction
+  try:
+    res = gj.quantize_layer(W_bad, H_bad, method="gptq", bits=3)
+  except ValueError as e:
+    assert "not positive semi-definite" in str(e)
+  else:
+    rep = res.report
+    assert min(rep.rel_err, rep.rel_err_quantized, rep.rel_err_method, *rep.objective) >= 0
 
 
 def test_numpy_float64_and_jax_inputs_agree(layer):
@@ -134,18 +182,20 @@ def test_rtn_and_gptq_ignore_rank(layer):
   assert res.L.shape == (32, 0) and res.R.shape == (0, 16)
 
 
-def test_hessian_cache_shares_site_work_and_changes_nothing():
+def test_a_prepared_site_shares_its_work_and_changes_nothing():
+  from gilora_jax.quant import hessian  # pylint: disable=import-outside-toplevel
   W, _, H = problems.layer(seed=3, d_in=48, d_out=36, n=300, decay=8)
-  cache = gj.HessianCache()
+  site = hessian.prepare(H.astype(np.float32))
   parts = [W[:, :12], W[:, 12:24], W[:, 24:]]  # q, k, v reading one input
-  shared = [gj.quantize_layer(w, H, method="gilora", bits=3, rank=4, hessian_cache=cache) for w in parts]
+  shared = [gj.quantize_layer(w, site, method="gilora", bits=3, rank=4) for w in parts]
   alone = [gj.quantize_layer(w, H, method="gilora", bits=3, rank=4) for w in parts]
   for a, b in zip(shared, alone):
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
     np.testing.assert_array_equal(np.asarray(a.L @ a.R), np.asarray(b.L @ b.R))
-  assert sum(k[0] == "factor" for k in cache._memo) == 1  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="one cache per input site"):
-    gj.quantize_layer(W[:24], H[:24, :24], method="gptq", bits=3, hessian_cache=cache)
+  assert sum(k[0] == "gilora" for k in site._memo) == 1  # pylint: disable=protected-access
+  assert sum(k[0] == "eigh" for k in site._memo) == 1  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="H is 48×48 but W has d_in=24"):
+    gj.quantize_layer(W[:24], site, method="gptq", bits=3)
 
 
 @pytest.mark.usefixtures("x64")
@@ -155,15 +205,15 @@ def test_olrc_reusing_the_sweep_factor_is_still_optimal(loops, damped, caplog):
   a damping escalation): L R must still be the exact optimum for the final Q."""
   from gilora_jax.quant import lowrank  # pylint: disable=import-outside-toplevel
   W, _, H = problems.layer(seed=4, d_in=24, d_out=40, n=300)
-  if damped:  # indefinite (diagonal kept ≥ 0): the factor is made with an escalated damping
-    v = np.zeros(24)
-    v[:2] = 1.0
-    H = H - 1.5 * np.mean(np.diag(H)) * np.outer(v, v)
-    H[0, 0] = H[1, 1] = np.mean(np.diag(H))
+  damp = 0.01
+  if damped:  # a rank-deficient Gram matrix and a tiny damp: the factor is made with an escalated damping
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((8, 24))
+    H, damp = X.T @ X, 1e-17  # float64: escalated to 1e-15
   with caplog.at_level(logging.WARNING):
-    res = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=5, loops=loops)
+    res = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=5, loops=loops, damp=damp)
   assert ("retrying" in caplog.text) == damped
-  Hd = H + res.info["damp"] * np.mean(np.diag(H)) * np.eye(24)
+  Hd = H + res.report.damp * np.mean(np.diag(H)) * np.eye(24)
   E = W - np.asarray(res.Q)
   _, optimum = lowrank.olrc(jnp.asarray(E), jnp.asarray(Hd), 5)
   LR = np.asarray(res.L) @ np.asarray(res.R)

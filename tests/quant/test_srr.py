@@ -14,7 +14,7 @@ def test_k0_exact_scaling_is_gptq_plus_olrc():
   a = gj.quantize_layer(W, H, method="srr", bits=3, rank=8, srr_k=0)
   b = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=8)
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-  np.testing.assert_allclose(a.info["rel_err"], b.info["rel_err"], rtol=1e-4)
+  np.testing.assert_allclose(a.report.rel_err, b.report.rel_err, rtol=1e-4)
 
 
 def test_k0_identity_scaling_is_gptq_plus_lorc():
@@ -23,7 +23,7 @@ def test_k0_identity_scaling_is_gptq_plus_lorc():
   a = gj.quantize_layer(W, H, method="srr", bits=3, rank=8, srr_k=0, srr_scaling="identity")
   b = gj.quantize_layer(W, H, method="gptq+lorc", bits=3, rank=8)
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-  np.testing.assert_allclose(a.info["rel_err"], b.info["rel_err"], rtol=1e-4)
+  np.testing.assert_allclose(a.report.rel_err, b.report.rel_err, rtol=1e-4)
 
 
 @pytest.mark.usefixtures("x64")
@@ -43,14 +43,14 @@ def test_k0_diag_scaling_matches_numpy():
 @pytest.mark.parametrize("scaling", ["identity", "diag", "exact"])
 def test_every_split_is_valid_and_criterion_is_seeded(scaling):
   W, H = problems.spectral_drop(seed=1)
-  errs = [gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=k, srr_scaling=scaling).info["rel_err"]
+  errs = [gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=k, srr_scaling=scaling).report.rel_err
           for k in range(0, 7, 3)]
   # every split spends rank 6 on top of a GPTQ of the residual: it must beat GPTQ with no low-rank term
-  gptq = gj.quantize_layer(W, H, method="gptq", bits=3).info["rel_err"]
+  gptq = gj.quantize_layer(W, H, method="gptq", bits=3).report.rel_err
   assert all(np.isfinite(errs)) and max(errs) < gptq, (errs, gptq)
   a = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_scaling=scaling, seed=11)
   b = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_scaling=scaling, seed=11)
-  assert a.info["srr_k"] == b.info["srr_k"] and 0 <= a.info["srr_k"] <= 6
+  assert a.report.srr_k == b.report.srr_k and 0 <= a.report.srr_k <= 6
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
   assert a.L.shape == (64, 6) and a.R.shape == (6, 24)
 
@@ -72,7 +72,7 @@ def test_criterion_probe_follows_the_key():
   """quantize_layer's seed reaches the criterion's random probe: on this layer the chosen k changes with the
   probe (so a seed ignored, or a fixed key, would not give the per-seed k of choose_k)."""
   W, H = problems.spectral_drop(seed=1)
-  ks = {seed: gj.quantize_layer(W, H, method="srr", bits=3, rank=6, seed=seed).info["srr_k"] for seed in range(6)}
+  ks = {seed: gj.quantize_layer(W, H, method="srr", bits=3, rank=6, seed=seed).report.srr_k for seed in range(6)}
   expected = {seed: int(srr_lib.choose_k(*_scaled_inputs(W, H), 6, jax.random.key(seed))) for seed in range(6)}
   assert len(set(expected.values())) > 1, expected  # the check below can tell the seeds apart
   assert ks == expected
@@ -91,7 +91,7 @@ def test_tail_fractions():
 def test_preserved_plus_residual_recovers_full_rank_weight():
   W, H = problems.spectral_drop(seed=4, d_in=16, d_out=8)
   res = gj.quantize_layer(W, H, method="srr", bits=8, rank=8, srr_k=4)
-  assert res.info["rel_err"] < 1e-6
+  assert res.report.rel_err < 1e-6
 
 
 def test_rtn_quantizer_rounds_the_residual_to_nearest():
@@ -101,7 +101,7 @@ def test_rtn_quantizer_rounds_the_residual_to_nearest():
   rtn = gj.quantize_layer(W, H, method="rtn", bits=3)
   a = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=0, srr_quantizer="rtn")
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(rtn.codes))
-  assert a.info["rel_err"] < rtn.info["rel_err"]
+  assert a.report.rel_err < rtn.report.rel_err
   b = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn")
   L1R1 = np.asarray(b.L[:, :3]) @ np.asarray(b.R[:3])
   res = gj.quantize_layer(W - L1R1, H, method="rtn", bits=3)

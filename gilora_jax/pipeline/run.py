@@ -1,0 +1,347 @@
+"""The `gilora` command's engine: the resumable whole-model run, evaluation and generation from a folder, and the
+built-in comparison. `gilora_jax.cli` only parses flags and prints; errors raised here name the command's flags.
+
+`quantize_folder` checks everything it can before the long work starts, in this order, each failure one line:
+the counts (nsamples, seqlen, batch size), the model folder and every option against every layer's shape (from
+config.json alone, `convert.abstract_hf`), the output path (never the model folder or a parent of it; an
+existing one only if it is a finished gilora checkpoint holding nothing else, with `overwrite`), an unfinished
+run of other options, and the calibration data (readable, long enough, a tokenizer). It then holds an exclusive
+lock on the output (`files.OutputLock`: a second run fails at once, naming the first's PID) while it loads the
+weights, quantizes block by block, saves a verified checkpoint of the finished blocks in `OUT.partial` after each
+block, resumes from it when the same command is run again (bit-identical), and writes `OUT` atomically.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from gilora_jax.config import OptionError, QuantConfig
+from gilora_jax.models import convert, qwen3
+from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
+from gilora_jax.pipeline.load import load_model
+
+log = logging.getLogger(__name__)
+
+# Files of a HF folder that a quantized checkpoint keeps beside its state (tokenizer, image preprocessing).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.jinja", "generation_config.json", "preprocessor_config.json")
+RECORDS_FILE = "records.jsonl"
+PLOT_FILE = "errors.png"
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_lm(model) -> bool:
+  return isinstance(model, qwen3.Qwen3)
+
+
+def at_least(name: str, value: int, minimum: int = 1, why: str = "") -> None:
+  """An integer option below its minimum is an `OptionError` naming the flag."""
+  if value is None or value < minimum:
+    raise OptionError(name, value, f"must be at least {minimum}{why}.")
+
+
+def default_out(folder: str, config: QuantConfig) -> str:
+  return os.path.abspath(f"{os.path.basename(folder)}-{config.layer.method}-w{config.layer.grid.bits}")
+
+
+def _within(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies inside it (real paths: symlinks resolved)."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _clean_temporaries(path: str) -> None:
+  """Removes the hidden `.NAME.tmp-*` / `.NAME.old-*` folders that a killed save of ours left (under the lock)."""
+  parent, name = os.path.split(path)
+  for stale in glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")) + glob.glob(
+      os.path.join(parent, f".{glob.escape(name)}.old-*")):
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_out(out: str, folder: str, overwrite: bool) -> None:
+  if _within(folder, out):
+    raise OptionError("out", out, f"is the --model folder or contains it ({folder}); writing there could replace "
+                      f"the model. Choose another {{name}}.")
+  if not os.path.exists(out):
+    return
+  if ckpt.is_checkpoint(out) and not overwrite:
+    raise OptionError("out", out, "already holds a finished checkpoint; pass --overwrite to replace it, or "
+                      "another {name}.")
+  try:
+    ckpt.check_replaceable(out)
+  except FileExistsError as e:
+    raise OptionError("out", out, f"cannot be written: {e}") from None
+
+
+class _Calibration:
+  """The calibration set of a run, read and checked before the weights are loaded."""
+
+  def __init__(self, folder: str, lm: bool, path: str | None, nsamples: int, seqlen: int, batch_size: int,
+               seed: int):
+    self.path = os.path.abspath(path or data.default_calib(folder, lm))
+    if lm:
+      tokenizer = data.load_tokenizer(folder)
+      text = data.load_text(self.path, "calibration text (--calib)")
+      self.batches = data.lm_calibration(tokenizer, text, nsamples, seqlen, batch_size, seed)
+      self.nsamples = nsamples
+    else:
+      images, _ = data.load_images(self.path, split="calib")
+      self.nsamples = min(nsamples, len(images))
+      if self.nsamples < nsamples:
+        log.warning("--nsamples %d: %s holds %d images; calibrating on all %d (recorded in the checkpoint).",
+                    nsamples, self.path, len(images), self.nsamples)
+      self.batches = data.vision_calibration(folder, images, self.nsamples, batch_size, seed)
+    self.record = {"path": self.path, "nsamples": self.nsamples, "seqlen": seqlen if lm else None,
+                   "batch_size": batch_size, "seed": seed}
+
+
+def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, calib: str | None = None,
+                    nsamples: int = 128, seqlen: int = 256, batch_size: int = 8, seed: int = 0,
+                    overwrite: bool = False, verify: bool = True,
+                    progress: Callable[[int, int], Callable[[Iterable[int]], Iterable[int]]] | None = None
+                    ) -> dict[str, Any]:
+  """Quantizes the HF model folder `model` into the checkpoint `out` (module docstring); returns the summary.
+
+  `progress(total, initial)` may return a wrapper of the block iterator (a tqdm bar). `verify=False` skips the
+  SHA-256 check of a partial checkpoint being resumed.
+  """
+  at_least("nsamples", nsamples)
+  at_least("seqlen", seqlen, why=" (tokens per calibration window)")
+  at_least("batch_size", batch_size)
+  folder = convert.local_folder(model)
+  if ckpt.looks_like_checkpoint(folder):
+    raise ValueError(f"{folder} is a gilora checkpoint; quantize the float HF model folder it came from.")
+  abstract = convert.abstract_hf(folder)
+  apply.check_config(abstract, config)
+  out = os.path.abspath(out) if out else default_out(folder, config)
+  partial = out + PARTIAL_SUFFIX
+  _check_out(out, folder, overwrite)
+  with files.OutputLock(out):
+    for path in (out, partial):
+      _clean_temporaries(path)
+    lm = is_lm(abstract)
+    cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed)
+    run = json.loads(json.dumps({"source": folder, "calib": cal.record}))  # as a checkpoint stores it
+    quant = {"config": json.loads(json.dumps(config.to_json())), "num_blocks": len(abstract.layers)}
+    resume_meta = _check_partial(partial, run, quant)
+    float_model = load_model(folder)
+    resume = None
+    if resume_meta is not None:
+      done = resume_meta["quant"]["blocks_done"]
+      fix = f"delete {partial} to start over."
+      partial_model = ckpt.restore_model(partial, verify_files=verify, fix=fix)
+      resume = apply.Resume(partial_model, [apply.LayerRecord(**r) for r in resume_meta["records"]], done)
+      log.info("resuming %s from block %d of %d", partial, done, quant["num_blocks"])
+
+    def after_block(i, partial_model, recs):
+      if i + 1 < quant["num_blocks"]:
+        ckpt.save_quantized(partial, partial_model, {**quant, "blocks_done": i + 1}, [r._asdict() for r in recs],
+                            overwrite=True, extra_meta={"run": run})
+
+    t0 = time.perf_counter()
+    wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
+    result = apply.quantize_model(float_model, cal.batches, config, resume=resume, after_block=after_block,
+                                  progress=wrap)
+    records = [r._asdict() for r in result.records]
+    side = {name: os.path.join(folder, name) for name in SIDE_FILES if os.path.isfile(os.path.join(folder, name))}
+    side[RECORDS_FILE] = "".join(json.dumps(r) + "\n" for r in records).encode()
+    side[PLOT_FILE] = plot.error_plot(records, title=f"{os.path.basename(folder)}: {config.layer.method}, "
+                                      f"{config.layer.grid.bits}-bit, rank {config.layer.rank}")
+    ckpt.save_quantized(out, result.model, {**quant, "blocks_done": quant["num_blocks"]}, records,
+                        overwrite=overwrite, files=side, extra_meta={"run": run, "source": folder})
+    if ckpt.is_checkpoint(partial):  # ours (it holds our metadata): the finished run supersedes it
+      shutil.rmtree(partial)
+    for path in (out, partial):
+      _clean_temporaries(path)
+  errs = [r["rel_err"] for r in records if r["rel_err"] is not None]
+  layer = config.layer
+  return {"out": out, "model": folder, "method": layer.method, "bits": layer.grid.bits, "rank": layer.rank,
+          "protocol": config.protocol, "layers": len(records), "blocks": quant["num_blocks"],
+          "nsamples": cal.nsamples, "mean_rel_err": float(np.mean(errs)) if errs else None,
+          "max_rel_err": float(np.max(errs)) if errs else None, "seconds": round(time.perf_counter() - t0, 2),
+          "resumed_from_block": None if resume is None else resume.blocks_done}
+
+
+def _check_partial(partial: str, run: dict, quant: dict) -> dict | None:
+  """The metadata of an unfinished run to resume, None when there is none; an error for a folder at that path
+  that is not ours, or a run of other options."""
+  if not os.path.exists(partial):
+    return None
+  if not ckpt.is_checkpoint(partial):
+    raise FileExistsError(f"{partial} exists but is not a gilora partial checkpoint (no {ckpt.INFO_FILE}); gilora "
+                          f"keeps an unfinished run there. Move it away, or pass another --out.")
+  meta = ckpt.read_meta(partial)
+  if meta.get("run") != run or meta.get("quant", {}).get("config") != quant["config"]:
+    raise ValueError(f"{partial} holds an unfinished run with other options; delete it to start over, or run the "
+                     f"command that started it (options stored in {partial}/{ckpt.INFO_FILE}).")
+  return meta
+
+
+def source_folder(folder: str) -> str:
+  """The float model folder a checkpoint was quantized from (itself for a HF folder)."""
+  return ckpt.read_meta(folder).get("source", folder) if ckpt.is_checkpoint(folder) else folder
+
+
+def evaluate_folder(folder: str, *, text: str | None = None, seqlen: int = 256, images: str | None = None,
+                    batch_size: int | None = None, verify: bool = True, model=None) -> dict:
+  """Perplexity (LM) or top-1 (classifier) of the model in `folder` (HF folder or gilora checkpoint)."""
+  if batch_size is not None:
+    at_least("batch_size", batch_size)
+  folder = convert.local_folder(folder)
+  model = load_model(folder, verify=verify) if model is None else model
+  source = source_folder(folder)
+  if is_lm(model):
+    if images is not None:
+      raise OptionError("images", images, "is for image classifiers; this is a causal LM (use --text).")
+    at_least("seqlen", seqlen, 2, " (the first token of a window has no prediction)")
+    if seqlen > model.config.max_position_embeddings:
+      log.warning("--seqlen %d exceeds the model's max_position_embeddings=%d: positions beyond it were never "
+                  "trained.", seqlen, model.config.max_position_embeddings)
+    text = text or _existing(os.path.join(source, "eval.txt"), "--text FILE")
+    ids = data.tokenize(data.load_tokenizer(folder), data.load_text(text, "evaluation text (--text)"))
+    return {"model": folder, "text": os.path.abspath(text), "seqlen": seqlen,
+            **evaluate.perplexity(model, ids, seqlen, batch_size or 8)}
+  if text is not None:
+    raise OptionError("text", text, "is for causal LMs; this is an image classifier (use --images).")
+  images = images or data.default_calib(source, lm=False)
+  imgs, labels = data.load_images(images)
+  return {"model": folder, "images_path": os.path.abspath(images),
+          **evaluate.top1(model, imgs, labels, folder, batch_size=batch_size or 128)}
+
+
+def _existing(path: str, flag: str) -> str:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist; pass {flag}.")
+  return path
+
+
+def generate_folder(folder: str, prompt: str, max_new_tokens: int, *, verify: bool = True) -> dict:
+  """Greedy continuation of `prompt` by the LM in `folder`; refuses an empty prompt or a non-positive length."""
+  at_least("max_new_tokens", max_new_tokens)
+  if not prompt.strip():
+    raise OptionError("prompt", repr(prompt), "is empty; give the text to continue.")
+  folder = convert.local_folder(folder)
+  tokenizer = data.load_tokenizer(folder)
+  n = len(data.tokenize(tokenizer, prompt))
+  if n == 0:
+    raise OptionError("prompt", repr(prompt), "has no tokens under this model's tokenizer; give some text.")
+  model = load_model(folder, verify=verify)
+  if not is_lm(model):
+    raise ValueError(f"{folder} holds a {model.config.architecture}, not a causal LM; generate needs Qwen3.")
+  limit = model.config.max_position_embeddings
+  if n + max_new_tokens > limit:
+    log.warning("the prompt (%d tokens) plus --max-new-tokens %d exceeds max_position_embeddings=%d: positions "
+                "beyond it were never trained.", n, max_new_tokens, limit)
+  text = qwen3.generate(model, tokenizer, prompt, max_new_tokens)
+  return {"model": folder, "prompt": prompt, "prompt_tokens": n, "max_new_tokens": max_new_tokens,
+          "completion": text}
+
+
+# ------------------------------------------------------------------------------------------------ built-in comparison
+
+# The built-in comparison's settings: small built-in models (hidden 96–128), so rank 16 (the layer default is 32).
+BUILTIN = {"bits": 3, "rank": 16, "nsamples": 32, "seqlen": 256, "eval_seqlen": 256, "vit_nsamples": 128}
+BUILTIN_RUNS = (  # (label, flat option overrides): the methods of the built-in comparison
+    ("rtn", dict(method="rtn")),
+    ("gptq", dict(method="gptq")),
+    ("gptq+olrc", dict(method="gptq+olrc")),
+    ("gilora", dict(method="gilora")),
+    ("gilora+1loop", dict(method="gilora", loops=1)),
+)
+
+
+def builtin_folders() -> tuple[str | None, str | None]:
+  """(LM folder, DeiT folder) of the built-in models where gilora_jax/assets ships them, else None each."""
+  from gilora_jax import assets  # pylint: disable=import-outside-toplevel
+  found = []
+  for p in (assets.QWEN3_SHAKESPEARE, assets.DEIT_DIGITS):
+    found.append(str(p) if os.path.isfile(os.path.join(p, "config.json")) else None)
+  return found[0], found[1]
+
+
+def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, config: QuantConfig | None = None,
+                       nsamples: int = BUILTIN["nsamples"], seqlen: int = BUILTIN["seqlen"],
+                       eval_seqlen: int = BUILTIN["eval_seqlen"], vit_nsamples: int = BUILTIN["vit_nsamples"],
+                       runs=BUILTIN_RUNS, table: Callable[[str], None] | None = None) -> list[dict]:
+  """Quantizes the given LM / classifier folders with every run's method; returns one result dict per row.
+
+  `config` gives the options every run shares (default: 3 bits, rank 16); each run changes its method/loops.
+  The LM is calibrated on `nsamples` random `seqlen`-token windows of its calib.txt and scored by perplexity on
+  eval.txt (`eval_seqlen` windows); the classifier on `vit_nsamples` images of the .npz beside it (its calib
+  split) and scored by top-1 on its test split. `table(line)` receives the printed table, line by line.
+  """
+  config = config or apply.make_config(bits=BUILTIN["bits"], rank=BUILTIN["rank"])
+  emit = table or (lambda line: None)
+  rows = []
+  for folder in (f for f in (lm_folder, vit_folder) if f is not None):
+    model = load_model(folder)
+    lm = is_lm(model)
+    if lm:
+      tok = data.load_tokenizer(folder)
+      calib = data.lm_calibration(tok, data.load_text(os.path.join(folder, "calib.txt")), nsamples, seqlen, 8,
+                                  config.layer.seed)
+      ids = data.tokenize(tok, data.load_text(os.path.join(folder, "eval.txt")))
+
+      def score(m):
+        r = evaluate.perplexity(m, ids, eval_seqlen)
+        return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
+    else:
+      npz = data.default_calib(folder, lm=False)
+      images, _ = data.load_images(npz, split="calib")
+      calib = data.vision_calibration(folder, images, min(vit_nsamples, len(images)), 64, config.layer.seed)
+      test_images, labels = data.load_images(npz)
+
+      def score(m):
+        return evaluate.top1(m, test_images, labels, folder)
+    metric = "perplexity" if lm else "top1"
+    base = score(model)
+    rows.append({"model": os.path.basename(folder), "label": "float", **base, "mean_rel_err": None, "seconds": 0.0})
+    layer = config.layer
+    emit("")
+    emit(f"{os.path.basename(folder)}: {layer.grid.bits}-bit, rank {layer.rank}, "
+         f"{f'{nsamples} calibration windows of {seqlen} tokens' if lm else f'{vit_nsamples} calibration images'}, "
+         f"protocol {config.protocol}")
+    emit(f"{'method':<14}{metric:>12}{'mean rel_err':>14}{'seconds':>9}")
+    emit(f"{'float':<14}{base[metric]:>12.4f}{'':>14}{'':>9}")
+    for label, kw in runs:
+      run_config = QuantConfig(layer=layer.replace(**kw), protocol=config.protocol, rules=config.rules)
+      t0 = time.perf_counter()
+      q = apply.quantize_model(model, calib, run_config)
+      seconds = time.perf_counter() - t0
+      res = score(q.model)
+      err = float(np.mean([r.rel_err for r in q.records]))
+      rows.append({"model": os.path.basename(folder), "label": label, **res, "mean_rel_err": err,
+                   "seconds": round(seconds, 2)})
+      emit(f"{label:<14}{res[metric]:>12.4f}{err:>14.5f}{seconds:>9.1f}")
+  return rows
+
+
+EXAMPLE_RUNS = (  # (label, flat overrides) for the built-in example layer
+    ("rtn", dict(method="rtn")), ("gptq", dict(method="gptq")), ("gptq+lorc", dict(method="gptq+lorc")),
+    ("gptq+olrc", dict(method="gptq+olrc")), ("gilora", dict(method="gilora")),
+    ("gilora+2loops", dict(method="gilora", loops=2)), ("srr", dict(method="srr")))
+
+
+def example_comparison(config, table: Callable[[str], None]) -> list[dict]:
+  """The built-in example layer, every method at the same bits and rank (when the built-in models are absent).
+  No shared site on purpose: each row's seconds include the Hessian work."""
+  from gilora_jax.examples import example_layer  # pylint: disable=import-outside-toplevel
+  from gilora_jax.layer import quantize_layer  # pylint: disable=import-outside-toplevel
+  W, H = example_layer()
+  g = config.grid
+  table(f"built-in example layer: W {W.shape[0]}×{W.shape[1]}, {g.bits}-bit, rank {config.rank}"
+        f"{'' if g.group_size is None else f', group {g.group_size}'}")
+  table(f"{'method':<15}{'rel_err':>10}{'upper bound':>13}{'lower est.':>12}{'seconds':>9}")
+  rows = []
+  for label, kw in EXAMPLE_RUNS:
+    rep = quantize_layer(W, H, config=config.replace(**{"loops": 0, **kw})).report
+    table(f"{label:<15}{rep.rel_err:>10.5f}{rep.upper_bound:>13.5f}{rep.lower_estimate:>12.2e}{rep.seconds:>9.2f}")
+    rows.append({"layer": "example", "label": label, **rep._asdict()})
+  return rows

@@ -1,0 +1,83 @@
+"""Paper A's refinement loops: alternate the two exact block steps, OLrC(Q) and Bid-Up(LR), then a final OLrC.
+
+For the damped objective ``f(Q, L, R) = tr((W − Q − LR)ᵀ H_λ (W − Q − LR))`` with Q on a fixed grid:
+
+  repeat ``loops`` times:
+    L, R ← OLrC(W − Q)                 (``lowrank.olrc``: the exact minimiser over rank-r L R for this Q)
+    Q    ← Bid-Up(W − L R)             (``bidup.bidup``: every row of Q moved to its best grid point, R fixed;
+                                        or, ``deflated``, over (Q, R) jointly on the Schur complement of L)
+  L, R ← OLrC(W − Q)
+
+Each step minimises f exactly over its block of variables, so the recorded objective (one value after every
+step, ``RefineResult.objective``) never increases in exact arithmetic. ``loops = 0`` is the single OLrC that
+Paper A applies after GPTQ-intrinsic LoRA.
+
+References:
+  Zhang & Saab, "GPTQ-intrinsic LoRA", arXiv:2606.01412, Alg. 2 (OLrC), Alg. 4 (Bid-Up), §5 (refinement loops).
+"""
+# Math-style names follow the papers.  pylint: disable=invalid-name
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gilora_jax.quant import bidup as bidup_lib
+from gilora_jax.quant import grid as grid_lib
+from gilora_jax.quant import hessian, lowrank
+from gilora_jax.quant.grid import Grid, GridSpec
+from gilora_jax.quant.linalg import mm as _mm
+
+
+class RefineResult(NamedTuple):
+  codes: jax.Array         # (d_in, d_out) uint8, on the grid given
+  Q: jax.Array             # (d_in, d_out) dequantized codes
+  lr: lowrank.LowRank      # (d_in, r), (r, d_out)
+  objective: jax.Array     # (2 · loops + 1,) the damped objective after every step
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size"))
+def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridSpec, rank: int, *, loops: int,
+           damp: float | jax.Array = 0.01, order: str = "forward", deflated: bool = False, block_size: int = 128,
+           Tt: jax.Array | None = None) -> RefineResult:
+  """``loops`` × [OLrC → Bid-Up] then OLrC, from Q = the codes on ``grid`` (the grid is never re-fitted).
+
+  Args:
+    W: (d_in, d_out) target weights (dead rows zeroed, as the sweep saw them).
+    codes: (d_in, d_out) the starting codes; grid: their grid; spec: its description.
+    H: (d_in, d_in) undamped Hessian (dead features fixed); the objective damps it with ``damp``.
+    rank: r of L R.
+    loops: refinement loops (static; Paper A uses 1–2).
+    damp: relative damping, ``λ = damp · mean diag H``.
+    order, deflated, block_size: Bid-Up's options (``bidup.bidup``, ``bidup.deflated_hessian``).
+    Tt: the transposed factor of ``H + λI`` (``hessian.Factor.Tt``, natural order) when the caller has it:
+      OLrC's input side then reuses it instead of factoring again.
+
+  Returns:
+    ``RefineResult(codes, Q, lr, objective)``.
+  """
+  trace = []
+  Hd = hessian.damped(H, damp)
+  T = None if Tt is None else Tt.T
+
+  def objective(Q, lr):
+    return lowrank.objective(W - Q - _mm(lr.L, lr.R), Hd)
+
+  Q = grid_lib.dequantize(codes, grid, spec)
+  for _ in range(loops):  # loops is small and static; each iteration is two exact block steps
+    lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
+    trace.append(objective(Q, lr))
+    if deflated:
+      HS, P = bidup_lib.deflated_hessian(Hd, lr.L)
+      codes = bidup_lib.bidup(W, codes, grid, HS, spec, order=order, block_size=block_size)
+      Q = grid_lib.dequantize(codes, grid, spec)
+      lr = lowrank.LowRank(lr.L, _mm(P, W - Q))
+    else:
+      codes = bidup_lib.bidup(W - _mm(lr.L, lr.R), codes, grid, Hd, spec, order=order, block_size=block_size)
+      Q = grid_lib.dequantize(codes, grid, spec)
+    trace.append(objective(Q, lr))
+  lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
+  trace.append(objective(Q, lr))
+  return RefineResult(codes, Q, lr, jnp.stack(trace))
