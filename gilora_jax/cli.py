@@ -110,23 +110,20 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     cfg = config_lib.QuantConfig(layer=_layer_config(a, base), protocol=a.protocol, rules=_parse_rules(a.rule))
     cfg.validate()
     rows = run.builtin_comparison(None if a.vision_only else lm, None if a.lm_only else vit, config=cfg,
-                                  nsamples=a.nsamples or run.BUILTIN["nsamples"], seqlen=a.seqlen,
-                                  eval_seqlen=a.eval_seqlen, vit_nsamples=a.nsamples or run.BUILTIN["vit_nsamples"],
-                                  table=table)
+                                  nsamples=run.BUILTIN["nsamples"] if a.nsamples is None else a.nsamples,
+                                  seqlen=a.seqlen, eval_seqlen=a.eval_seqlen, table=table,
+                                  vit_nsamples=run.BUILTIN["vit_nsamples"] if a.nsamples is None else a.nsamples)
     for row in rows:
       print(json.dumps(row))
     return 0
   cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=_parse_rules(a.rule))
 
-  def progress(total, initial):
-    import tqdm  # pylint: disable=import-outside-toplevel
-    return lambda it: tqdm.tqdm(it, total=total, initial=initial, desc="blocks", unit="block", file=sys.stderr,
-                                dynamic_ncols=True)
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=import-outside-toplevel
   with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar, not through it
-    summary = run.quantize_folder(a.model, a.out, config=cfg, calib=a.calib, nsamples=a.nsamples or 128,
+    summary = run.quantize_folder(a.model, a.out, config=cfg, calib=a.calib,
+                                  nsamples=128 if a.nsamples is None else a.nsamples,
                                   seqlen=a.seqlen, batch_size=a.batch_size, seed=cfg.layer.seed,
-                                  overwrite=a.overwrite, verify=a.verify, progress=progress)
+                                  overwrite=a.overwrite, verify=a.verify, progress=run.progress_bar)
   print(json.dumps(summary))
   return 0
 
@@ -177,7 +174,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from gilora_jax.pipeline.run import BUILTIN  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline.run import BUILTIN  # pylint: disable=import-outside-toplevel  (imports orbax: keep lazy)
   parser = argparse.ArgumentParser(prog="gilora", description="Low-bit plus low-rank post-training quantization.")
   parser.add_argument("-v", "--verbose", action="store_true", help="log one line per quantized layer")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -235,13 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Formatter(logging.Formatter):
+  """`gilora: warning: ...` for warnings and errors, `gilora: ...` for progress and per-layer lines."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+    return f"gilora: {level}{record.getMessage()}"
+
+
 def main(argv: list[str] | None = None) -> int:
   # transformers' import-time notices ("PyTorch was not found...") are nothing a user of this command can act on.
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  # Before orbax is imported, which configures the root logger itself at import time.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(_Formatter())
+  logging.basicConfig(level=logging.WARNING, handlers=[handler])
   a = build_parser().parse_args(argv)
   # Before the first JAX computation: XLA's per-call buffers then stop page-faulting (gilora_jax/runtime.py).
   runtime.tune_cpu_malloc()
-  logging.basicConfig(level=logging.WARNING, format="gilora: %(levelname)s: %(message)s", stream=sys.stderr)
   for name in ("gilora", "gilora_jax"):  # one line per layer with -v; orbax/absl/transformers stay at WARNING
     logging.getLogger(name).setLevel(logging.INFO if a.verbose else logging.WARNING)
   logging.getLogger("gilora_jax.pipeline.run").setLevel(logging.INFO)  # resume notes: always shown

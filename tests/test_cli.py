@@ -54,3 +54,39 @@ def test_quantize_layer_flags_and_out_suffix(tmp_path, capsys):
   with np.load(rec["out"]) as z:
     np.testing.assert_array_equal(z["zeros"], 8.0)  # symmetric 4-bit grid: zero point (maxq + 1) / 2
     assert z["scales"].shape == (4, 16)
+
+
+def test_every_flag_has_help_and_the_library_default():
+  """One source for every default: each layer flag shows LayerConfig's default, quantize_layer's signature uses
+  the same, and no flag of any command lacks a help text."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import inspect  # pylint: disable=import-outside-toplevel
+  import gilora_jax as gj  # pylint: disable=import-outside-toplevel
+  from gilora_jax import config  # pylint: disable=import-outside-toplevel
+  parser = cli.build_parser()
+  subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  for name, sub in subs.choices.items():
+    for action in sub._actions:  # pylint: disable=protected-access
+      if action.dest != "help":
+        assert action.help, (name, action.option_strings)
+  quantize = subs.choices["quantize"]
+  helps = {a.dest: a.help for a in quantize._actions}  # pylint: disable=protected-access
+  for name in config.FIELDS:
+    default = config.default(name)
+    shown = ("on" if default else "off") if isinstance(default, bool) else "unset" if default is None else str(default)
+    assert f"(default {shown}" in helps[name], (name, helps[name])
+  assert "(default 32; the built-in comparison: 16)" in helps["rank"]
+  signature = inspect.signature(gj.quantize_layer).parameters
+  for name in ("method", "bits", "rank", "group_size", "symmetric", "loops", "damp", "act_order", "seed"):
+    assert signature[name].default == config.default(name), name
+
+
+def test_rules_reach_any_option(tmp_path):
+  """--rule keys are the flat option names (hyphens allowed), typed like the flags."""
+  rules = cli._parse_rules([r"layers\.0\..*=bits:4,bidup-order:both,mse:true", ".*down_proj=skip",  # pylint: disable=protected-access
+                            ".*q_proj=srr_k:none,damp:0.05"])
+  assert dict(rules[0].set) == {"bits": 4, "bidup_order": "both", "mse": True} and rules[1].skip
+  assert dict(rules[2].set) == {"srr_k": None, "damp": 0.05}
+  cfg = __import__("gilora_jax").config.QuantConfig(rules=rules)
+  assert cfg.for_module("layers.0.mlp.up_proj").refine.order == "both"
+  assert cfg.for_module("layers.1.mlp.down_proj") is None

@@ -265,7 +265,8 @@ def load_state(arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> nnx.M
         wrong_shape.append(f"{key} {list(value.shape)} (after {rule.transform.value} transform) vs {target} "
                            f"{list(leaf.shape)}")
         continue
-      _set(pure, p, jnp.asarray(value.astype(leaf.dtype)))
+      _set(pure, p, jnp.asarray(value.astype(leaf.dtype, copy=False)))  # one host copy at a time, not two
+      del value
       filled.add(target)
   missing = sorted(set(targets) - filled)
   if unexpected or missing or wrong_shape:

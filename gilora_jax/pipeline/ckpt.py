@@ -47,8 +47,7 @@ INFO_FILE = "gilora_ckpt.json"
 STATE_DIR = "state"
 FORMAT = "gilora_jax.pipeline.ckpt/2"
 LEGACY_FORMATS = ("gilora_jax.pipeline.ckpt/1",)  # no file manifest: restored without verification (with a warning)
-FIX = ("re-run the command that wrote it (its options are stored in its gilora_ckpt.json) or restore the folder from "
-       "a backup.")
+FIX = "re-run the command that wrote it, or restore the folder from a backup."
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,8 @@ def check_replaceable(path: str | os.PathLike) -> None:
   folder), never a checkpoint into which someone has put files of their own.
   """
   folder = os.path.abspath(os.fspath(path))
-  if not os.path.exists(folder):
-    return
+  if not os.path.exists(folder) or (os.path.isdir(folder) and not os.listdir(folder)):
+    return  # nothing there, or an empty folder (made for us): nothing of anyone's can be lost
   if not os.path.isdir(folder) or not is_checkpoint(folder):
     raise FileExistsError(f"{folder} exists and is not a gilora_jax checkpoint (no {INFO_FILE}); refusing to replace "
                           f"it. Choose another output path, or move it away yourself.")

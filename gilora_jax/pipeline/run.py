@@ -37,6 +37,25 @@ PLOT_FILE = "errors.png"
 PARTIAL_SUFFIX = ".partial"
 
 
+def progress_bar(total: int, initial: int) -> Callable[[Iterable[int]], Iterable[int]]:
+  """A tqdm bar over the blocks on a terminal; elsewhere (a log file, CI) one line per finished block with the
+  elapsed time and an ETA, so a captured log is not a stream of carriage-return redraws."""
+  import sys  # pylint: disable=import-outside-toplevel
+  if sys.stderr.isatty():
+    import tqdm  # pylint: disable=import-outside-toplevel
+    return lambda it: tqdm.tqdm(it, total=total, initial=initial, desc="blocks", unit="block", file=sys.stderr,
+                                dynamic_ncols=True)
+
+  def lines(it):
+    t0 = time.perf_counter()
+    for i in it:
+      yield i
+      done = i + 1 - initial
+      spent = time.perf_counter() - t0
+      log.info("block %d/%d done, %.0f s elapsed, ETA %.0f s", i + 1, total, spent, spent / done * (total - i - 1))
+  return lines
+
+
 def is_lm(model) -> bool:
   return isinstance(model, qwen3.Qwen3)
 

@@ -58,7 +58,7 @@ def test_lm_quantize_save_restore_eval(lm_folder, tmp_path, capsys, caplog):
   rc, lines, err = _run(capsys, "-v", "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
   assert rc == 0, err
   assert lines[0]["layers"] == 14 and lines[0]["blocks"] == 2 and lines[0]["resumed_from_block"] is None
-  assert "blocks: 100%" in err and len(_layer_lines(caplog)) == 14  # tqdm over blocks, one log line per layer
+  assert "block 2/2 done" in err and len(_layer_lines(caplog)) == 14  # progress per block, one log line per layer
   assert not os.path.exists(out + run.PARTIAL_SUFFIX)
   records = _jsonl(os.path.join(out, run.RECORDS_FILE))
   assert [r["path"] for r in records[:3]] == [f"layers.0.self_attn.{p}_proj" for p in "qkv"]
