@@ -72,7 +72,7 @@ def _layer_config(a: argparse.Namespace, base: dict | None = None) -> config_lib
   return config_lib.from_flat(**{**(base or {}), **given})
 
 
-def _parse_rules(specs: list[str]) -> tuple[config_lib.Rule, ...]:
+def parse_rules(specs: list[str]) -> tuple[config_lib.Rule, ...]:
   """--rule 'REGEX=bits:4,rank:0' / 'REGEX=skip' -> Rules (keys: the flat option names, - or _)."""
   rules = []
   for spec in specs or ():
@@ -107,7 +107,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         print(json.dumps(row))
       return 0
     base = {k: run.BUILTIN[k] for k in ("bits", "rank")}
-    cfg = config_lib.QuantConfig(layer=_layer_config(a, base), protocol=a.protocol, rules=_parse_rules(a.rule))
+    cfg = config_lib.QuantConfig(layer=_layer_config(a, base), protocol=a.protocol, rules=parse_rules(a.rule))
     cfg.validate()
     rows = run.builtin_comparison(None if a.vision_only else lm, None if a.lm_only else vit, config=cfg,
                                   nsamples=run.BUILTIN["nsamples"] if a.nsamples is None else a.nsamples,
@@ -116,7 +116,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     for row in rows:
       print(json.dumps(row))
     return 0
-  cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=_parse_rules(a.rule))
+  cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=parse_rules(a.rule))
 
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=import-outside-toplevel
   with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar, not through it
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="gilora", description="Low-bit plus low-rank post-training quantization.")
   parser.add_argument("-v", "--verbose", action="store_true", help="log one line per quantized layer")
   sub = parser.add_subparsers(dest="command", required=True)
+  parser.commands = {}  # name -> subparser (for the help tests and for tools that list the flags)
   verify = dict(action=argparse.BooleanOptionalAction, default=True,
                 help="check every file of a checkpoint against its recorded SHA-256 before use (default on)")
 
@@ -207,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vision-only", action="store_true", help="built-in comparison: only the DeiT")
   _add_layer_flags(p, {k: BUILTIN[k] for k in ("bits", "rank")})
   p.set_defaults(func=cmd_quantize)
+  parser.commands["quantize"] = p
 
   p = sub.add_parser("quantize-layer", help="quantize one layer from an .npz holding W and H")
   p.add_argument("input", help=".npz with 'W' (d_in, d_out) and 'H' (d_in, d_in)")
   p.add_argument("--out", required=True, help="output .npz (Q, L, R, codes, scales, zeros)")
   _add_layer_flags(p)
   p.set_defaults(func=cmd_quantize_layer)
+  parser.commands["quantize-layer"] = p
 
   p = sub.add_parser("eval", help="perplexity of an LM on a text, or top-1 of a classifier on images")
   p.add_argument("--model", required=True, help="HF model folder or gilora checkpoint")
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, help="windows (default 8) or images (default 128) per step")
   p.add_argument("--verify", **verify)
   p.set_defaults(func=cmd_eval)
+  parser.commands["eval"] = p
 
   p = sub.add_parser("generate", help="greedy continuation of a prompt by an LM (HF folder or gilora checkpoint)")
   p.add_argument("--model", required=True, help="HF model folder or gilora checkpoint of a causal LM")
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default %(default)s)")
   p.add_argument("--verify", **verify)
   p.set_defaults(func=cmd_generate)
+  parser.commands["generate"] = p
   return parser
 
 
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
   a = build_parser().parse_args(argv)
   # Before the first JAX computation: XLA's per-call buffers then stop page-faulting (gilora_jax/runtime.py).
   runtime.tune_cpu_malloc()
+  runtime.pin_lapack()  # before the first LAPACK call: the same factorisations on every x86-64 machine
   for name in ("gilora", "gilora_jax"):  # one line per layer with -v; orbax/absl/transformers stay at WARNING
     logging.getLogger(name).setLevel(logging.INFO if a.verbose else logging.WARNING)
   logging.getLogger("gilora_jax.pipeline.run").setLevel(logging.INFO)  # resume notes: always shown

@@ -1,4 +1,5 @@
-"""Process-level settings that make CPU runs of the math layer faster (nothing here changes a result).
+"""Process-level settings of CPU runs: a malloc policy that makes them faster (``tune_cpu_malloc``, changes no
+result) and a LAPACK pin that makes their results the same on every x86-64 machine (``pin_lapack``).
 
 ``tune_cpu_malloc``: XLA:CPU allocates every output and one scratch block per call with ``malloc``. glibc serves
 blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns them with ``munmap`` on free,
@@ -80,3 +81,48 @@ def tune_cpu_malloc() -> bool:
                "own arenas; call gilora_jax.runtime.tune_cpu_malloc() before the first JAX computation.")
   _applied = ok
   return ok
+
+
+# SciPy's OpenBLAS (what JAX's CPU Cholesky, eigh and triangular solves call) picks its kernels by CPU model and
+# splits work over threads: the same H factorises differently on a Zen 4 or AVX-512 Intel host (SkylakeX kernels)
+# and on a Zen 5 (Haswell kernels), or with another core count, and GPTQ's codes follow (the README's table moved
+# by 0.14 perplexity between two machines of one kind). Pinning both costs nothing measurable on the built-in job
+# and a 4096² GPTQ layer; one thread makes a 4096² eigendecomposition (gilora's) ~1.7x slower on 2 cores, and
+# Haswell kernels are ~20 % slower than SkylakeX ones on AVX-512 hosts. GILORA_PIN_LAPACK=0 opts out.
+_LAPACK_PIN = (("OPENBLAS_CORETYPE", "Haswell"), ("OPENBLAS_NUM_THREADS", "1"))
+PIN_OPT_OUT_ENV = "GILORA_PIN_LAPACK"
+
+
+def _x86_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def pin_lapack() -> bool:
+  """Fixes OpenBLAS's kernel family (Haswell: AVX2 + FMA) and thread count (1) for JAX's CPU LAPACK calls, so
+  that factorisations, and the codes after them, do not depend on the host's CPU model or core count.
+
+  Must run before the first LAPACK call of the process (SciPy's OpenBLAS reads these variables when it loads); the
+  ``gilora`` command calls it first thing, library users may too. Returns True when the pin is in effect; False
+  off x86-64 Linux, on CPUs without AVX2/FMA, once SciPy's LAPACK is loaded, or with ``GILORA_PIN_LAPACK=0``.
+  Variables the user has set win (``setdefault``). What it cannot pin: the code XLA generates for the host's
+  instruction set (README: how much the figures move).
+  """
+  if os.environ.get(PIN_OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False
+  if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+    return False
+  if any(m == "scipy.linalg" or m.startswith("scipy.linalg.") for m in sys.modules):
+    log.debug("LAPACK pin skipped: SciPy's LAPACK is already loaded")
+    return False
+  if not {"avx2", "fma"} <= _x86_flags():
+    return False
+  for k, v in _LAPACK_PIN:
+    os.environ.setdefault(k, v)
+  return True

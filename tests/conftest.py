@@ -8,6 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GILORA_MALLOC_TUNING", "0")
 
 import jax  # noqa: E402
+
+from gilora_jax import runtime  # noqa: E402
+
+# The same LAPACK kernels and thread count on every machine, as the gilora command does, before anything loads
+# SciPy's LAPACK: figures pinned by the tests (the built-in comparison's) then do not depend on the host.
+runtime.pin_lapack()
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -32,3 +38,21 @@ def x64():
   """Run the test body with float64 enabled (jax.enable_x64 context)."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture(scope="session")
+def lm_folder(tmp_path_factory):
+  """A tiny random Qwen3 HF folder with a character tokenizer, calib.txt and eval.txt (tests/pipeline/tiny.py)."""
+  from tests.pipeline.tiny import make_lm  # pylint: disable=import-outside-toplevel
+  folder = str(tmp_path_factory.mktemp("tiny_lm"))
+  make_lm(folder)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory):
+  """A tiny random DeiT HF folder with a preprocessor config (tests/pipeline/tiny.py)."""
+  from tests.pipeline.tiny import make_vit  # pylint: disable=import-outside-toplevel
+  folder = str(tmp_path_factory.mktemp("tiny_vit"))
+  make_vit(folder)
+  return folder

@@ -1,4 +1,5 @@
-"""gilora_jax.runtime.tune_cpu_malloc: jitted calls stop page-faulting once it is on; opt-outs are respected.
+"""gilora_jax.runtime: malloc tuning (jitted calls stop page-faulting; opt-outs respected), the LAPACK pin, and
+results that do not depend on the thread count.
 
 The page-fault counts are measured in fresh subprocesses (the policy is process-wide and must be set before
 XLA's threads allocate; the pytest process itself runs with GILORA_MALLOC_TUNING=0, see conftest.py).
@@ -9,6 +10,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gilora_jax import runtime
@@ -37,6 +39,10 @@ glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux") or platform
                                 reason="the tuning is for glibc's malloc")
 
 
+def _env():
+  return {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+
+
 def _probe(**env_overrides):
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != runtime.OPT_OUT_ENV}
   env.update(env_overrides)
@@ -45,6 +51,7 @@ def _probe(**env_overrides):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @glibc_only
 def test_tuned_calls_do_not_page_fault():
   tuned = _probe()
@@ -67,3 +74,53 @@ def test_opt_outs_leave_malloc_alone(monkeypatch, env):
   monkeypatch.setattr(runtime, "_applied", None)
   assert runtime.tune_cpu_malloc() is False
   assert runtime.tune_cpu_malloc() is False  # cached, still off
+
+
+_DETERMINISM_PROBE = r"""
+import os, sys
+if sys.argv[1] == "1":
+  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, before XLA sizes its thread pool
+import jax, numpy as np
+from gilora_jax.quant import hessian, lowrank
+rng = np.random.default_rng(0)
+x = jax.numpy.asarray(rng.standard_t(4, (4096, 192)).astype(np.float32))
+H = jax.jit(hessian.update)(hessian.init(192), x).xtx  # jitted, as in the pipeline: x.T is then a view
+E = jax.numpy.asarray(rng.standard_normal((192, 96)).astype(np.float32))
+lr, _ = jax.jit(lowrank.olrc, static_argnums=2)(E, H + np.float32(1.0) * jax.numpy.eye(192), 8)
+np.savez(sys.argv[2], H=np.asarray(H), L=np.asarray(lr.L), R=np.asarray(lr.R))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to compare one thread with several")
+def test_hessian_and_olrc_do_not_depend_on_the_thread_count(tmp_path):
+  """H = XᵀX and OLrC's products are bit-identical with one core and with all of them (x.T @ x was not: XLA:CPU
+  split its token sum over threads)."""
+  out = {}
+  for n in ("1", "all"):
+    path = str(tmp_path / f"{n}.npz")
+    subprocess.run([sys.executable, "-c", _DETERMINISM_PROBE, n, path], check=True, env=_env(), timeout=300)
+    with np.load(path) as z:
+      out[n] = {k: z[k] for k in z.files}
+  for k in out["1"]:
+    np.testing.assert_array_equal(out["1"][k], out["all"][k], err_msg=k)
+
+
+def test_pin_lapack_sets_the_openblas_variables_before_lapack_loads():
+  code = ("import os, sys; from gilora_jax import runtime; ok = runtime.pin_lapack(); "
+          "print(ok, os.environ.get('OPENBLAS_CORETYPE'), os.environ.get('OPENBLAS_NUM_THREADS')); "
+          "import jax.numpy as jnp; jnp.linalg.cholesky(jnp.eye(2)); print(runtime.pin_lapack())")
+  env = {k: v for k, v in _env().items() if not k.startswith("OPENBLAS")}
+  lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split("\n")
+  x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
+  with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+    avx2 = "avx2" in f.read()
+  if x86 and avx2:
+    assert lines[0] == "True Haswell 1"
+  assert lines[1] == "False"  # too late once LAPACK is loaded: it says so instead of pretending
+  env["GILORA_PIN_LAPACK"] = "0"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                       timeout=120).stdout
+  assert out.startswith("False None None")

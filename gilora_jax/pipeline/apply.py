@@ -106,6 +106,7 @@ class LayerRecord(NamedTuple):
   lower_estimate: float | None
   damp: float
   seconds: float
+  config: dict  # the linear's whole LayerConfig (after rules), by flat name: what a records file needs to be read
 
 
 class Resume(NamedTuple):
@@ -227,7 +228,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
             method=cfg.method, bits=cfg.grid.bits, rank=qlin.rank, group_size=cfg.grid.group_size,
             loops=cfg.refine.loops, rel_err_quantized=rep.rel_err_quantized, rel_err_method=rep.rel_err_method,
             rel_err=rep.rel_err, upper_bound=rep.upper_bound, lower_estimate=rep.lower_estimate, damp=rep.damp,
-            seconds=rep.seconds)
+            seconds=rep.seconds, config=cfg.flat())
         records.append(rec)
         _log_record(rec)
       del prepared

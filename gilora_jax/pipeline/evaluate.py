@@ -8,7 +8,7 @@ value is exp of the mean token NLL over all windows' tokens 1..seqlen−1, which
 
 Memory. A batch's full-vocabulary logits are never materialised: the final hidden states go through the lm head
 a chunk of positions at a time inside the jitted step, each chunk reduced to its tokens' NLL before the next
-(`_plan` sizes the chunk to ~256 MiB of logits), and the rows of a batch run in micro-batches small enough that
+(`plan` sizes the chunk to ~256 MiB of logits), and the rows of a batch run in micro-batches small enough that
 one micro-batch's attention scores stay near 256 MiB. Peak memory is the weights plus one micro-batch's
 activations, whatever the batch size and vocabulary (Qwen3's 151,936 logits × 2048 positions × 8 rows would be
 10 GB in float32). Readers of texts and images are in `pipeline.data`.
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-_LOGITS_BUDGET = 1 << 26  # float32 elements of one chunk of logits (256 MiB)
-_SCORES_BUDGET = 1 << 26  # float32 elements of one micro-batch's attention scores (256 MiB)
+LOGITS_BUDGET = 1 << 26  # float32 elements of one chunk of logits (256 MiB)
+SCORES_BUDGET = 1 << 26  # float32 elements of one micro-batch's attention scores (256 MiB)
 
 
 
@@ -42,19 +42,19 @@ def windows(ids: np.ndarray, seqlen: int) -> np.ndarray:
   return ids[:n * seqlen].reshape(n, seqlen)
 
 
-def _plan(model, batch: int, seqlen: int) -> tuple[int, int]:
+def plan(model, batch: int, seqlen: int) -> tuple[int, int]:
   """(rows per micro-batch, positions per logits chunk) within the budgets above; rows divides the batch."""
   cfg = model.config
   per_row = cfg.num_attention_heads * seqlen * seqlen
-  rows = max(1, min(batch, _SCORES_BUDGET // max(per_row, 1)))
+  rows = max(1, min(batch, SCORES_BUDGET // max(per_row, 1)))
   while batch % rows:
     rows -= 1
-  chunk = max(1, min(seqlen - 1, _LOGITS_BUDGET // (rows * cfg.vocab_size)))
+  chunk = max(1, min(seqlen - 1, LOGITS_BUDGET // (rows * cfg.vocab_size)))
   return rows, chunk
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "chunk"))
-def _window_nll(model, ids, rows: int, chunk: int):
+def window_nll(model, ids, rows: int, chunk: int):
   """Summed NLL of tokens 1..T−1 of each row, (B, T) -> (B,) float32, in micro-batches of `rows` rows and logits
   chunks of `chunk` positions (module docstring): the same values as log_softmax over the full logits."""
   B, T = ids.shape
@@ -95,8 +95,8 @@ def perplexity(model, ids: np.ndarray, seqlen: int, batch_size: int = 8) -> dict
   total = 0.0
   for i in range(0, len(w), batch_size):
     batch = w[i:i + batch_size]
-    rows, chunk = _plan(model, len(batch), seqlen)
-    total += float(np.sum(np.asarray(_window_nll(model, jnp.asarray(batch), rows, chunk), np.float64)))
+    rows, chunk = plan(model, len(batch), seqlen)
+    total += float(np.sum(np.asarray(window_nll(model, jnp.asarray(batch), rows, chunk), np.float64)))
   tokens = w.shape[0] * (seqlen - 1)
   nll = total / tokens
   return {"perplexity": float(np.exp(nll)), "nll": nll, "tokens": tokens, "windows": int(w.shape[0])}

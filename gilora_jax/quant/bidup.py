@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gilora_jax.quant import grid as grid_lib
+from gilora_jax.quant import linalg
 from gilora_jax.quant.grid import Grid, GridSpec
 from gilora_jax.quant.linalg import HIGHEST
 
@@ -122,6 +123,6 @@ def bidup(
 def deflated_hessian(Hd: jax.Array, L: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``H_S = Hd − Hd L (Lᵀ Hd L)⁻¹ Lᵀ Hd`` and the ridge map ``P = (Lᵀ Hd L)⁻¹ Lᵀ Hd`` (so R = P (W − Q))."""
   HL = jnp.matmul(Hd, L, precision=HIGHEST)
-  P = jnp.linalg.solve(jnp.matmul(L.T, HL, precision=HIGHEST), HL.T)
+  P = jnp.linalg.solve(linalg.tn(L, HL), HL.T)
   HS = Hd - jnp.matmul(HL, P, precision=HIGHEST)
   return 0.5 * (HS + HS.T), P

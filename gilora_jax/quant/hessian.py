@@ -77,7 +77,9 @@ def update(stats: HessianStats, x: jax.Array, mask: jax.Array | None = None) -> 
     m = mask.reshape(-1).astype(jnp.float32)
     x = x * m[:, None]
     n = jnp.sum(m).astype(jnp.int32)
-  return HessianStats(stats.xtx + jnp.matmul(x.T, x, precision=HIGHEST), stats.count + n)
+  # linalg.tn, not x.T @ x: that one's sum over tokens is split by the thread count, so H (and every code
+  # downstream) would change with the machine.
+  return HessianStats(stats.xtx + linalg.tn(x, x), stats.count + n)
 
 
 def fix_dead(H: jax.Array, W: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -241,6 +243,10 @@ class Site:
   @property
   def d(self) -> int:
     return self.H.shape[0]
+
+  def computed(self) -> list[tuple]:
+    """The keys of what has been computed and memoised so far (``("factor", damp, act_order, method)``, ...)."""
+    return list(self._memo)
 
   def memo(self, key: tuple, fn: Callable[[], Any]) -> Any:
     if key not in self._memo:

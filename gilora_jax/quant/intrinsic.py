@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from gilora_jax.quant import gptq as gptq_lib
-from gilora_jax.quant import hessian
+from gilora_jax.quant import hessian, linalg
 from gilora_jax.quant.grid import Grid, GridSpec
 from gilora_jax.quant.linalg import HIGHEST
 from gilora_jax.quant.lowrank import LowRank
@@ -75,7 +75,7 @@ def deflate(H: jax.Array, rank: int, damp: float | jax.Array,
 
 def ridge_r(ih: IntrinsicHessian, E: jax.Array) -> jax.Array:
   """``R = diag(σ²/(σ²+λ)) V_rᵀ (W − Q)``: the trailing rows the augmented sweep would leave, given E = W − Q."""
-  return ih.shrink[:, None] * jnp.matmul(ih.V.T, E, precision=HIGHEST)
+  return ih.shrink[:, None] * linalg.tn(ih.V, E)
 
 
 class GiloraResult(NamedTuple):

@@ -7,6 +7,12 @@ One place for each, so the algorithms cannot drift apart in how they symmetrise,
 * ``eigh_desc``: eigenpairs of a symmetric matrix in *descending* order (the papers' σ₁² ≥ σ₂² ≥ …), computed on
   ``(M + Mᵀ)/2`` so that round-off asymmetry of a Gram matrix cannot leak into the result.
 * ``truncated_svd``: the rank-p truncated SVD as factors.
+* ``tn``: ``aᵀ b`` whose float32 result does not depend on the machine's thread count. On XLA:CPU (jax 0.10) a
+  product whose left operand is a transposed view (contracting its rows) runs through Eigen's contraction, which
+  splits a long inner sum over threads and blocks it by the L1 size, so ``x.T @ x`` (the Hessian!) changes with
+  the core count; every other layout runs as a YNNPACK dot, identical for 1–16 threads. ``tn`` materialises
+  ``aᵀ`` first (a copy of a, small next to the product), so ``aᵀ b`` takes the YNNPACK path. Every ``aᵀ b`` of the
+  math layer goes through it.
 """
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
@@ -20,6 +26,16 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def mm(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a @ b`` at full precision."""
   return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def tn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``aᵀ b`` at full precision, with ``aᵀ`` materialised row-major first (module docstring).
+
+  Example:
+    >>> tn(jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.eye(2)).tolist()
+    [[1.0, 3.0], [2.0, 4.0]]
+  """
+  return jnp.matmul(jax.lax.optimization_barrier(a.T), b, precision=HIGHEST)
 
 
 def eigh_desc(M: jax.Array) -> tuple[jax.Array, jax.Array]:

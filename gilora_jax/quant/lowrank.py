@@ -71,15 +71,15 @@ def olrc(E: jax.Array, Hd: jax.Array, rank: int, *, T: jax.Array | None = None) 
   """
   d_in, d_out = E.shape
   if d_out <= d_in:
-    e, V, tr = _top_eigh(_mm(E.T, _mm(Hd, E)), rank)
+    e, V, tr = _top_eigh(linalg.tn(E, _mm(Hd, E)), rank)
     return LowRank(_mm(E, V), V.T), tr - jnp.sum(e)
   if T is None:
     from gilora_jax.quant import hessian  # pylint: disable=import-outside-toplevel
     T = hessian.factor(Hd)
-  Z = _mm(T.T, E)
+  Z = linalg.tn(T, E)
   e, U, tr = _top_eigh(_mm(Z, Z.T), rank)
   L = jax.scipy.linalg.solve_triangular(T, U, trans="T", lower=False)
-  return LowRank(L, _mm(U.T, Z)), tr - jnp.sum(e)
+  return LowRank(L, linalg.tn(U, Z)), tr - jnp.sum(e)
 
 
 def lorc(E: jax.Array, rank: int) -> LowRank:

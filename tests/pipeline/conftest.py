@@ -1,18 +1,10 @@
-"""Session fixtures: tiny HF folders (see tiny.py)."""
+"""Fixtures of the pipeline tests (the tiny HF folders are session fixtures in tests/conftest.py)."""
 import pytest
 
-from .tiny import make_lm, make_vit
+from .tiny import random_model as _random_model
 
 
-@pytest.fixture(scope="session")
-def lm_folder(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("tiny_lm"))
-  make_lm(folder)
-  return folder
-
-
-@pytest.fixture(scope="session")
-def vit_folder(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("tiny_vit"))
-  make_vit(folder)
-  return folder
+@pytest.fixture
+def random_model():
+  """`random_model(model_cls, cfg, seed=0)`: a model with random weights, built without XLA compilations."""
+  return _random_model

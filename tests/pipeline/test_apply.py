@@ -46,6 +46,7 @@ def _rel_err_q(lin_float, lin_q, H):
   return np.trace(E.T @ H @ E) / np.trace(W.T @ H @ W)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["quantized", "fp"])
 def test_hessians_follow_the_protocol(lm, lm_calib, protocol):
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lm)))
@@ -75,6 +76,7 @@ def test_hessians_follow_the_protocol(lm, lm_calib, protocol):
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(x1_fp, x1_q)) > 1e-3
 
 
+@pytest.mark.slow
 def test_fp_protocol_ignores_earlier_quantization(lm, lm_calib):
   """Under the fp protocol block 1 sees float activations, so block 0's method cannot change block 1."""
   kw = dict(bits=3, protocol="fp")
@@ -90,6 +92,7 @@ def test_fp_protocol_ignores_earlier_quantization(lm, lm_calib):
   assert any((ca[p] != _codes(c.model)[p]).any() for p in ca if p[1] == 1)
 
 
+@pytest.mark.slow
 def test_padding_is_masked_out(lm):
   rng = np.random.default_rng(7)
   ids = rng.integers(0, 100, size=(2, 24)).astype(np.int32)
@@ -115,6 +118,7 @@ def test_hessian_update_masks_tokens(rng):
   assert int(s.count) == 8
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
   """Checkpoint after block 0, restore, resume: the same codes, L, R and logits as one uninterrupted run."""
   cfg = apply.make_config(method="gptq+olrc", bits=3, rank=4, protocol="fp")

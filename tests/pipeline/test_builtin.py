@@ -1,4 +1,10 @@
-"""The built-in Shakespeare LM at 3 bits: the methods rank as the papers predict, on held-out Hamlet."""
+"""The built-in Shakespeare LM at 3 bits: the methods rank as the papers predict, on held-out Hamlet.
+
+Margins (README, "How much the figures move"): across 14 emulated machine setups the perplexities moved by up
+to 0.14 (gptq) and 0.08 (gptq+olrc, gilora), but within every run the ordering held, its narrowest gap being
+gilora vs gptq+olrc at 0.031; the mean layer errors moved by under 0.3 % with ratios of at least 1.38 between
+neighbours. gilora+1loop against gilora is within the machine noise (either sign), so nothing is claimed there.
+"""
 import pytest
 
 from gilora_jax.pipeline import apply, run
@@ -12,4 +18,7 @@ def test_builtin_lm_perplexity_ordering():
   rows = run.builtin_comparison(lm, None, config=apply.make_config(bits=3, rank=16), nsamples=32, seqlen=256,
                                 eval_seqlen=256, runs=run.BUILTIN_RUNS[:4])
   ppl = {r["label"]: r["perplexity"] for r in rows}
-  assert ppl["float"] < ppl["gilora"] < ppl["gptq+olrc"] < ppl["gptq"] < ppl["rtn"], ppl
+  err = {r["label"]: r["mean_rel_err"] for r in rows if r["mean_rel_err"] is not None}
+  assert ppl["float"] < ppl["gilora"] < ppl["gptq+olrc"] < ppl["gptq"] < ppl["rtn"] - 0.5, ppl
+  assert err["gilora"] * 1.2 < err["gptq+olrc"] and err["gptq+olrc"] * 1.2 < err["gptq"] and \
+      err["gptq"] * 1.2 < err["rtn"], err

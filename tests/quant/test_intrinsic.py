@@ -5,6 +5,7 @@ import pytest
 
 import gilora_jax as gj
 from gilora_jax.quant import intrinsic
+from gilora_jax.quant.grid import GridSpec
 from tests.quant import problems
 
 
@@ -40,11 +41,15 @@ def literal_augmented(W, H, bits, r, damp=0.01):
 def test_schur_form_equals_literal_augmented_sweep(bits, r):
   W, H = problems.spectral_drop(seed=bits, d_in=48, d_out=20, r=r)
   codes_ref, L_ref, R_ref = literal_augmented(W, H, bits, r)
-  res = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False)
+  res = intrinsic.gilora(W, H, GridSpec(bits=bits), r)  # the function itself, no OLrC after it
   np.testing.assert_array_equal(np.asarray(res.codes), codes_ref)
   # Eigenvectors are defined up to sign: compare the products L R and the spans.
-  np.testing.assert_allclose(np.abs(np.asarray(res.L).T @ L_ref), np.eye(r), atol=1e-8)
-  np.testing.assert_allclose(np.asarray(res.L @ res.R), L_ref @ R_ref, atol=1e-9)
+  np.testing.assert_allclose(np.abs(np.asarray(res.lr.L).T @ L_ref), np.eye(r), atol=1e-8)
+  np.testing.assert_allclose(np.asarray(res.lr.L @ res.lr.R), L_ref @ R_ref, atol=1e-9)
+  # quantize_layer's gilora without its final OLrC is exactly this function
+  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False)
+  np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(res.codes))
+  np.testing.assert_array_equal(np.asarray(via.L @ via.R), np.asarray(res.lr.L @ res.lr.R))
 
 
 def test_rank_zero_is_gptq():

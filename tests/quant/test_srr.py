@@ -106,3 +106,25 @@ def test_rtn_quantizer_rounds_the_residual_to_nearest():
   L1R1 = np.asarray(b.L[:, :3]) @ np.asarray(b.R[:3])
   res = gj.quantize_layer(W - L1R1, H, method="rtn", bits=3)
   assert np.mean(np.asarray(b.codes) == np.asarray(res.codes)) > 0.999
+
+
+def test_srr_function_preserves_then_quantizes_the_residual():
+  """srr.srr, called directly: the first k columns of L R are S⁻¹ SVD_k(S W), Q is GPTQ of W − L₁R₁, and the
+  remaining r − k reconstruct the error; quantize_layer's srr is exactly this function."""
+  from gilora_jax.quant import gptq, hessian, linalg  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant.grid import GridSpec  # pylint: disable=import-outside-toplevel
+  W, H = problems.spectral_drop(seed=2)
+  W, H = jnp.asarray(W, jnp.float32), jnp.asarray(H, jnp.float32)
+  spec, r, k = GridSpec(bits=3), 6, 2
+  site = hessian.prepare(H)
+  res = srr_lib.srr(W, site, spec, r, k=k, scaling="diag")
+  assert res.k == k and res.lr.L.shape == (64, r)
+  lam = 0.01 * site.mean_diag
+  s = jnp.sqrt(jnp.diagonal(H) + lam)
+  L1, R1 = linalg.truncated_svd(s[:, None] * W, k)
+  pres = (L1 / s[:, None]) @ R1
+  np.testing.assert_allclose(np.asarray(res.lr.L[:, :k] @ res.lr.R[:k]), np.asarray(pres), rtol=1e-3, atol=1e-5)
+  base = gptq.gptq(W - res.lr.L[:, :k] @ res.lr.R[:k], site, spec)
+  assert np.mean(np.asarray(base.codes) == np.asarray(res.codes)) > 0.99
+  via = gj.quantize_layer(W, site, method="srr", bits=3, rank=r, srr_k=k, srr_scaling="diag")
+  np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(res.codes))

@@ -192,8 +192,8 @@ def test_a_prepared_site_shares_its_work_and_changes_nothing():
   for a, b in zip(shared, alone):
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
     np.testing.assert_array_equal(np.asarray(a.L @ a.R), np.asarray(b.L @ b.R))
-  assert sum(k[0] == "gilora" for k in site._memo) == 1  # pylint: disable=protected-access
-  assert sum(k[0] == "eigh" for k in site._memo) == 1  # pylint: disable=protected-access
+  assert sum(k[0] == "gilora" for k in site.computed()) == 1
+  assert sum(k[0] == "eigh" for k in site.computed()) == 1
   with pytest.raises(ValueError, match="H is 48×48 but W has d_in=24"):
     gj.quantize_layer(W[:24], site, method="gptq", bits=3)
 

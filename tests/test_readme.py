@@ -1,0 +1,21 @@
+"""README's Python example runs as written (it composes gptq, olrc and refine, then checks quantize_layer gives the
+same codes)."""
+import os
+import re
+
+import pytest
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+@pytest.mark.slow
+def test_the_python_example_runs(capsys):
+  with open(README, encoding="utf-8") as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+  assert len(blocks) == 1
+  exec(compile(blocks[0], "README.md", "exec"), {})  # pylint: disable=exec-used
+  out = capsys.readouterr().out.split("\n")
+  objective = [float(v) for v in out[0].strip("[]").split()]
+  assert len(objective) == 5 and all(b <= a * (1 + 1e-6) for a, b in zip(objective, objective[1:]))
+  rel_err, bound = map(float, out[1].split())
+  assert 0 < rel_err < bound
