@@ -1,9 +1,12 @@
 """The bad-input battery: every user mistake is one clear line and exit code 2 before any long work starts, nothing
 a user owns is deleted, and damaged checkpoints are refused instead of loaded. Add new cases here.
 
-Every CLI case runs `gilora` in a subprocess, as a user does. The cases that must fail *before the weights are
-loaded* use a model folder whose config.json and tokenizer are fine but whose model.safetensors is garbage: if a
-check ran after loading, the error would be about the weights instead.
+The cases that must fail *before the weights are loaded* use a model folder whose config.json and tokenizer are
+fine but whose model.safetensors is garbage: if a check ran after loading, the error would be about the weights.
+
+One case of each kind runs `gilora` in a fresh subprocess, as a user does (`SUB`); the others of its kind call the
+same entry point, `gilora_jax.cli.main(argv)`, in this process, which saves the ~2.5 s of starting Python, JAX and
+flax per case (the suite must stay under 12 minutes on a 2-core CI box).
 """
 import json
 import os
@@ -32,6 +35,18 @@ def gilora(*args, cwd=None, timeout=240):
   p = subprocess.run([sys.executable, "-m", "gilora_jax.cli", *map(str, args)], cwd=cwd, env=ENV, timeout=timeout,
                      capture_output=True, text=True, check=False)
   return p.returncode, p.stdout, p.stderr
+
+
+def gilora_here(capsys, *args):
+  """(exit code, stdout, stderr) of `gilora_jax.cli.main(ARGS)` in this process."""
+  from gilora_jax import cli  # pylint: disable=import-outside-toplevel
+  capsys.readouterr()
+  rc = cli.main([str(a) for a in args])
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+SUB = "subprocess"  # the marker of a case that runs in its own process
 
 
 def assert_one_line_error(rc, err, *fragments):
@@ -77,32 +92,32 @@ def work(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ refused up front
 
-BEFORE_LOADING = [  # (flags, fragments of the one error line): all refused before model.safetensors is read
-    (["--bits", "9"], ["--bits 9", "outside 2..8"]),
-    (["--rank", "100"], ["--rank 100", "min(d_in, d_out)=64", "layers.0.self_attn.q_proj", "--rank ≤ 64"]),
-    (["--group-size", "48"], ["--group-size 48", "does not divide d_in=64", "layers.0.self_attn.q_proj"]),
-    (["--loops", "-1"], ["--loops -1"]),
-    (["--damp", "0"], ["--damp 0.0", "positive"]),
-    (["--method", "awq"], ["--method awq", "unknown"]),
-    (["--nsamples", "0"], ["--nsamples 0", "at least 1"]),
-    (["--nsamples", "-5"], ["--nsamples -5", "at least 1"]),
-    (["--batch-size", "0"], ["--batch-size 0", "at least 1"]),
-    (["--seqlen", "0"], ["--seqlen 0", "at least 1"]),
-    (["--rule", "(=bits:4"], ["--rule (", "not a valid regular expression"]),
-    (["--rule", ".*q_proj=bitz:4"], ["--rule", "'bitz:4'", "key:value"]),
-    (["--rule", r".*down_proj=rank:500"], ["--rank 500", "layers.0.mlp.down_proj"]),
-    (["--calib", "{root}/nope.txt"], ["nope.txt does not exist", "--calib"]),
-    (["--calib", "{root}/binary.txt"], ["binary.txt is not a UTF-8 text file", "--calib"]),
-    (["--calib", "{root}/short.txt"], ["fewer than one window of seqlen=32"]),
-    (["--out", "{root}/user_folder"], ["user_folder exists and is not a gilora_jax checkpoint"]),
-    (["--out", "{broken}", "--overwrite"], ["is the --model folder or contains it"]),
-    (["--out", "{root}", "--overwrite"], ["is the --model folder or contains it"]),
-    (["--out", "{q}"], ["already holds a finished checkpoint; pass --overwrite"]),
+BEFORE_LOADING = [  # (flags, fragments of the one error line, how): all refused before model.safetensors is read
+    (["--bits", "9"], ["--bits 9", "outside 2..8"], SUB),
+    (["--rank", "100"], ["--rank 100", "min(d_in, d_out)=64", "layers.0.self_attn.q_proj", "--rank ≤ 64"], SUB),
+    (["--group-size", "48"], ["--group-size 48", "does not divide d_in=64", "layers.0.self_attn.q_proj"], ""),
+    (["--loops", "-1"], ["--loops -1"], ""),
+    (["--damp", "0"], ["--damp 0.0", "positive"], ""),
+    (["--method", "awq"], ["--method awq", "unknown"], ""),
+    (["--nsamples", "0"], ["--nsamples 0", "at least 1"], SUB),
+    (["--nsamples", "-5"], ["--nsamples -5", "at least 1"], ""),
+    (["--batch-size", "0"], ["--batch-size 0", "at least 1"], ""),
+    (["--seqlen", "0"], ["--seqlen 0", "at least 1"], ""),
+    (["--rule", "(=bits:4"], ["--rule (", "not a valid regular expression"], SUB),
+    (["--rule", ".*q_proj=bitz:4"], ["--rule", "'bitz:4'", "key:value"], ""),
+    (["--rule", r".*down_proj=rank:500"], ["--rank 500", "layers.0.mlp.down_proj"], ""),
+    (["--calib", "{root}/nope.txt"], ["nope.txt does not exist", "--calib"], ""),
+    (["--calib", "{root}/binary.txt"], ["binary.txt is not a UTF-8 text file", "--calib"], SUB),
+    (["--calib", "{root}/short.txt"], ["fewer than one window of seqlen=32"], ""),
+    (["--out", "{root}/user_folder"], ["user_folder exists and is not a gilora_jax checkpoint"], SUB),
+    (["--out", "{broken}", "--overwrite"], ["is the --model folder or contains it"], SUB),
+    (["--out", "{root}", "--overwrite"], ["is the --model folder or contains it"], ""),
+    (["--out", "{q}"], ["already holds a finished checkpoint; pass --overwrite"], ""),
 ]
 
 
-@pytest.mark.parametrize("flags, fragments", BEFORE_LOADING, ids=[" ".join(f) for f, _ in BEFORE_LOADING])
-def test_quantize_refuses_before_loading_the_weights(work, flags, fragments):
+@pytest.mark.parametrize("flags, fragments, how", BEFORE_LOADING, ids=[" ".join(f) for f, _, _ in BEFORE_LOADING])
+def test_quantize_refuses_before_loading_the_weights(work, capsys, flags, fragments, how):
   root = work["root"]
   (root / "binary.txt").write_bytes(b"\x00\x01\xff\xfe" * 64)
   (root / "short.txt").write_text("to be")
@@ -113,7 +128,8 @@ def test_quantize_refuses_before_loading_the_weights(work, flags, fragments):
   out = [] if "--out" in flags else ["--out", str(root / "never_written")]
   before = snapshot(work["broken"])
   t0 = time.monotonic()
-  rc, _, err = gilora("quantize", "--model", work["broken"], *FAST, *out, *flags)
+  args = ("quantize", "--model", work["broken"], *FAST, *out, *flags)
+  rc, _, err = gilora(*args) if how == SUB else gilora_here(capsys, *args)
   assert_one_line_error(rc, err, *fragments)
   assert "safetensors" not in err  # the weights were never read
   assert snapshot(work["broken"]) == before and (user / "notes.txt").read_text() == "mine"
@@ -130,21 +146,23 @@ def test_quantize_refuses_a_folder_without_tokenizer(work):
   assert_one_line_error(rc, err, "has no tokenizer", "copy the tokenizer files")
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["generate", "--model", "{lm}", "--prompt", ""], ["--prompt ''", "is empty"]),
-    (["generate", "--model", "{lm}", "--prompt", "   "], ["is empty"]),
-    (["generate", "--model", "{lm}", "--prompt", "the", "--max-new-tokens", "-3"], ["--max-new-tokens -3"]),
-    (["generate", "--model", "{lm}", "--prompt", "the", "--max-new-tokens", "0"], ["--max-new-tokens 0"]),
-    (["eval", "--model", "{lm}", "--seqlen", "1"], ["--seqlen 1", "at least 2"]),
-    (["eval", "--model", "{lm}", "--batch-size", "0"], ["--batch-size 0"]),
-    (["eval", "--model", "{lm}", "--text", "{root}/binary.txt"], ["binary.txt is not a UTF-8 text file"]),
-    (["eval", "--model", "{vit}", "--text", "{root}/short.txt"], ["--text", "is for causal LMs"]),
-    (["eval", "--model", "{root}/nowhere"], ["is not an existing local folder"]),
-    (["quantize-layer", "{root}/garbage.npz", "--out", "{root}/o.npz"], ["garbage.npz is not a readable .npz"]),
-    (["quantize-layer", "{root}/pickled.npz", "--out", "{root}/o.npz"], ["pickled (object) arrays", "never unpickles"]),
-    (["quantize-layer", "{root}/layer.npz", "--out", "{root}/user_folder/mine.npz"], ["is not a quantize-layer result"]),
+@pytest.mark.parametrize("args, fragments, how", [
+    (["generate", "--model", "{lm}", "--prompt", ""], ["--prompt ''", "is empty"], SUB),
+    (["generate", "--model", "{lm}", "--prompt", "   "], ["is empty"], ""),
+    (["generate", "--model", "{lm}", "--prompt", "the", "--max-new-tokens", "-3"], ["--max-new-tokens -3"], ""),
+    (["generate", "--model", "{lm}", "--prompt", "the", "--max-new-tokens", "0"], ["--max-new-tokens 0"], ""),
+    (["eval", "--model", "{lm}", "--seqlen", "1"], ["--seqlen 1", "at least 2"], SUB),
+    (["eval", "--model", "{lm}", "--batch-size", "0"], ["--batch-size 0"], ""),
+    (["eval", "--model", "{lm}", "--text", "{root}/binary.txt"], ["binary.txt is not a UTF-8 text file"], ""),
+    (["eval", "--model", "{vit}", "--text", "{root}/short.txt"], ["--text", "is for causal LMs"], ""),
+    (["eval", "--model", "{root}/nowhere"], ["is not an existing local folder"], ""),
+    (["quantize-layer", "{root}/garbage.npz", "--out", "{root}/o.npz"], ["garbage.npz is not a readable .npz"], SUB),
+    (["quantize-layer", "{root}/pickled.npz", "--out", "{root}/o.npz"], ["pickled (object) arrays", "never unpickles"],
+     ""),
+    (["quantize-layer", "{root}/layer.npz", "--out", "{root}/user_folder/mine.npz"], ["is not a quantize-layer result"],
+     ""),
 ])
-def test_other_commands_name_the_fix(work, args, fragments):
+def test_other_commands_name_the_fix(work, capsys, args, fragments, how):
   root = work["root"]
   (root / "binary.txt").write_bytes(b"\x00\x01\xff\xfe" * 64)
   (root / "short.txt").write_text("to be")
@@ -155,7 +173,8 @@ def test_other_commands_name_the_fix(work, args, fragments):
   (root / "user_folder" / "notes.txt").write_text("mine")
   np.savez(root / "user_folder" / "mine.npz", a=np.arange(3))
   before = snapshot(root / "user_folder")
-  rc, _, err = gilora(*[a.format(**work) for a in args])
+  args = [a.format(**work) for a in args]
+  rc, _, err = gilora(*args) if how == SUB else gilora_here(capsys, *args)
   assert_one_line_error(rc, err, *fragments)
   assert snapshot(root / "user_folder") == before
 
@@ -254,14 +273,14 @@ def _largest_state_file(folder):
   return max((os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs), key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage, fragments", [
-    ("overwrite", ["does not match the SHA-256 recorded when it was written"]),
-    ("delete", ["is missing (the checkpoint lists it)"]),
-    ("no_info", ["gilora_ckpt.json is missing", "state/ but not its metadata"]),
-    ("truncated_info", ["gilora_ckpt.json is not valid JSON"]),
-    ("edited_info", ["gilora_ckpt.json was altered after it was written"]),
+@pytest.mark.parametrize("damage, fragments, how", [
+    ("overwrite", ["does not match the SHA-256 recorded when it was written"], SUB),
+    ("delete", ["is missing (the checkpoint lists it)"], ""),
+    ("no_info", ["gilora_ckpt.json is missing", "state/ but not its metadata"], ""),
+    ("truncated_info", ["gilora_ckpt.json is not valid JSON"], SUB),
+    ("edited_info", ["gilora_ckpt.json was altered after it was written"], ""),
 ])
-def test_damaged_checkpoints_are_refused_with_one_line(work, damage, fragments):
+def test_damaged_checkpoints_are_refused_with_one_line(work, capsys, damage, fragments, how):
   copy = str(work["root"] / f"damaged_{damage}")
   shutil.copytree(work["q"], copy)
   info = os.path.join(copy, ckpt.INFO_FILE)
@@ -280,7 +299,8 @@ def test_damaged_checkpoints_are_refused_with_one_line(work, damage, fragments):
     meta = json.loads(_read(info))
     meta["meta"]["records"][0]["rel_err"] = 0.0
     _write(info, json.dumps(meta).encode())
-  rc, _, err = gilora("eval", "--model", copy, "--seqlen", "64")
+  args = ("eval", "--model", copy, "--seqlen", "64")
+  rc, _, err = gilora(*args) if how == SUB else gilora_here(capsys, *args)
   assert_one_line_error(rc, err, *fragments)
   if damage in ("overwrite", "delete"):
     assert os.path.relpath(victim, copy) in err  # the file is named
