@@ -97,9 +97,17 @@ def parse_rules(specs: list[str]) -> tuple[config_lib.Rule, ...]:
 # ------------------------------------------------------------------------------------------------ commands
 
 
+_MODEL_ONLY = ("out", "overwrite", "calib", "batch_size", "verify")  # flags of a --model run; the comparison has none
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
   from gilora_jax.pipeline import run  # pylint: disable=import-outside-toplevel
   if a.model is None:
+    given = [n for n in _MODEL_ONLY if getattr(a, n) not in (None, False)]
+    if given:
+      flags = ", ".join(config_lib.flag(n) for n in given)
+      return _fail(f"{flags} need --model: without it, gilora quantize runs the built-in comparison, which reads "
+                   f"the shipped models and writes nothing.")
     lm, vit = run.builtin_folders()
     table = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if lm is None and vit is None:  # the built-in models are not in this install: the example layer
@@ -121,9 +129,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=import-outside-toplevel
   with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar, not through it
     summary = run.quantize_folder(a.model, a.out, config=cfg, calib=a.calib,
-                                  nsamples=128 if a.nsamples is None else a.nsamples,
-                                  seqlen=a.seqlen, batch_size=a.batch_size, seed=cfg.layer.seed,
-                                  overwrite=a.overwrite, verify=a.verify, progress=run.progress_bar)
+                                  nsamples=128 if a.nsamples is None else a.nsamples, seqlen=a.seqlen,
+                                  batch_size=8 if a.batch_size is None else a.batch_size, seed=cfg.layer.seed,
+                                  overwrite=a.overwrite, verify=a.verify is not False, progress=run.progress_bar)
   print(json.dumps(summary))
   return 0
 
@@ -135,7 +143,7 @@ def cmd_quantize_layer(a: argparse.Namespace) -> int:
   """Quantize the W and H stored in an .npz; write Q, L, R, codes, scales, zeros; print a JSON line."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from gilora_jax.layer import quantize_layer  # pylint: disable=import-outside-toplevel
-  from gilora_jax.pipeline import data  # pylint: disable=import-outside-toplevel
+  from gilora_jax.pipeline import data, files  # pylint: disable=import-outside-toplevel
   what = "an .npz holding arrays 'W' (d_in, d_out) and 'H' (d_in, d_in)"
   arrays = data.load_npz(a.input, what)
   missing = {"W", "H"} - set(arrays)
@@ -143,14 +151,32 @@ def cmd_quantize_layer(a: argparse.Namespace) -> int:
     return _fail(f"{a.input} lacks {sorted(missing)} (it holds {sorted(arrays)}); save W as the (d_in, d_out) kernel "
                  f"and H = XᵀX as 'W' and 'H'.")
   out = a.out if a.out.endswith(".npz") else a.out + ".npz"  # the JSON line must name the file written
-  if os.path.exists(out) and (not os.path.isfile(out) or set(data.load_npz(out, "")) != set(_LAYER_KEYS)):
-    return _fail(f"--out {out} exists and is not a quantize-layer result; refusing to replace it. Pass another --out.")
+  if os.path.exists(out):
+    try:
+      ours = os.path.isfile(out) and set(data.load_npz(out, "a quantize-layer result")) == set(_LAYER_KEYS)
+    except ValueError:
+      ours = False
+    if not ours:
+      return _fail(f"--out {out} exists and is not a quantize-layer result; refusing to replace it. Pass another "
+                   f"--out.")
+    if not a.overwrite:
+      return _fail(f"--out {out} already holds a quantize-layer result; pass --overwrite to replace it, or another "
+                   f"--out.")
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  if not os.access(parent, os.W_OK):
+    return _fail(f"--out {out}: cannot write into {parent}; pass an --out in a folder you can write to.")
   res = quantize_layer(arrays["W"], arrays["H"], config=_layer_config(a))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(out)))
-  with os.fdopen(fd, "wb") as f:  # written beside OUT, then renamed over it: never a half-written file
-    np.savez(f, **{k: np.asarray(getattr(res, k)) for k in _LAYER_KEYS})
-  os.replace(tmp, out)
+  fd, tmp = tempfile.mkstemp(suffix=".npz", dir=parent)
+  try:
+    with os.fdopen(fd, "wb") as f:  # written beside OUT, then renamed over it: never a half-written file
+      np.savez(f, **{k: np.asarray(getattr(res, k)) for k in _LAYER_KEYS})
+    os.chmod(tmp, 0o666 & ~files.user_umask())  # mkstemp's 0600 would make the result private
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   W = arrays["W"]
   print(json.dumps({"input": a.input, "out": out, "d_in": int(W.shape[0]), "d_out": int(W.shape[-1]),
                     **res.report._asdict()}))
@@ -186,22 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", help="local HF model folder (Qwen3, DeiT/ViT); without it, the built-in comparison")
   p.add_argument("--out", help="output checkpoint folder (default ./<model>-<method>-w<bits>); an unfinished run "
                  "keeps its finished blocks in OUT.partial and resumes from them when the command is run again")
-  p.add_argument("--overwrite", action="store_true", help="replace a finished gilora checkpoint at --out (nothing "
-                 "else is ever replaced)")
+  p.add_argument("--overwrite", action="store_true", default=None, help="replace a finished gilora checkpoint at "
+                 "--out (nothing else is ever replaced)")
   p.add_argument("--calib", help="calibration text file (LM) or image folder/.npz (classifier); default: calib.txt "
                  "/ the .npz in the model folder")
   p.add_argument("--nsamples", type=int, help=f"calibration windows (LM) or images (default 128; the built-in "
                  f"comparison: {BUILTIN['nsamples']} windows, {BUILTIN['vit_nsamples']} images)")
   p.add_argument("--seqlen", type=int, default=BUILTIN["seqlen"], help="calibration window in tokens (default "
                  "%(default)s)")
-  p.add_argument("--batch-size", type=int, default=8, help="calibration windows or images per forward pass (default "
-                 "%(default)s)")
+  p.add_argument("--batch-size", type=int, help="calibration windows or images per forward pass (default 8)")
   p.add_argument("--protocol", choices=config_lib.PROTOCOLS, default="quantized", help="inputs of block i+1 from the "
                  "quantized block i (GPTQ's protocol) or from the float one (the paper's); default %(default)s")
   p.add_argument("--rule", action="append", default=[], metavar="REGEX=key:value,...", help="per-module override of "
                  "any layer option on module paths (e.g. 'layers\\.0\\..*=bits:4' or '.*down_proj=skip'); repeatable, "
                  "first match wins")
-  p.add_argument("--verify", **verify)
+  p.add_argument("--verify", **{**verify, "default": None})
   p.add_argument("--eval-seqlen", type=int, default=BUILTIN["eval_seqlen"], help="built-in comparison: evaluation "
                  "window in tokens (default %(default)s)")
   p.add_argument("--lm-only", action="store_true", help="built-in comparison: only the LM")
@@ -213,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("quantize-layer", help="quantize one layer from an .npz holding W and H")
   p.add_argument("input", help=".npz with 'W' (d_in, d_out) and 'H' (d_in, d_in)")
   p.add_argument("--out", required=True, help="output .npz (Q, L, R, codes, scales, zeros)")
+  p.add_argument("--overwrite", action="store_true", help="replace an earlier quantize-layer result at --out")
   _add_layer_flags(p)
   p.set_defaults(func=cmd_quantize_layer)
   parser.commands["quantize-layer"] = p

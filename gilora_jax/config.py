@@ -287,8 +287,8 @@ def _validate_options(cfg: LayerConfig) -> None:
   if not (isinstance(cfg.damp, float) and cfg.damp > 0 and math.isfinite(cfg.damp)):
     raise OptionError("damp", cfg.damp, "must be positive and finite (the reference uses 0.01 of the mean "
                       "diagonal).")
-  if not isinstance(cfg.seed, int):
-    raise OptionError("seed", cfg.seed, "must be an integer.")
+  if not isinstance(cfg.seed, int) or cfg.seed < 0:
+    raise OptionError("seed", cfg.seed, "must be a non-negative integer (NumPy's and JAX's generators take those).")
   k = cfg.srr.k
   if k is not None and not 0 <= k <= cfg.rank:
     raise OptionError("srr_k", k, f"must lie in 0..rank={cfg.rank} (or be unset for the paper's criterion).")

@@ -113,6 +113,7 @@ BEFORE_LOADING = [  # (flags, fragments of the one error line, how): all refused
     (["--out", "{broken}", "--overwrite"], ["is the --model folder or contains it"], SUB),
     (["--out", "{root}", "--overwrite"], ["is the --model folder or contains it"], ""),
     (["--out", "{q}"], ["already holds a finished checkpoint; pass --overwrite"], ""),
+    (["--seed", "-1"], ["--seed -1", "non-negative"], ""),
 ]
 
 
@@ -161,6 +162,11 @@ def test_quantize_refuses_a_folder_without_tokenizer(work):
      ""),
     (["quantize-layer", "{root}/layer.npz", "--out", "{root}/user_folder/mine.npz"], ["is not a quantize-layer result"],
      ""),
+    (["quantize-layer", "{root}/layer.npz", "--out", "{root}/garbage.npz"], ["is not a quantize-layer result"], ""),
+    (["generate", "--model", "{vit}", "--prompt", "the"], ["not a causal LM"], ""),
+    (["eval", "--model", "{vit}", "--images", "{root}/short.txt"], ["is a file but not an .npz"], ""),
+    (["eval", "--model", "{vit}", "--images", "{root}/mislabelled.npz"], ["20 images but 'labels' 5 labels"], ""),
+    (["quantize", "--out", "{root}/x", "--calib", "{root}/nope.txt"], ["--out, --calib need --model"], SUB),
 ])
 def test_other_commands_name_the_fix(work, capsys, args, fragments, how):
   root = work["root"]
@@ -169,6 +175,7 @@ def test_other_commands_name_the_fix(work, capsys, args, fragments, how):
   (root / "garbage.npz").write_bytes(b"not an npz at all")
   np.savez(root / "pickled.npz", W=np.array([{"a": 1}], dtype=object), H=np.eye(2))
   np.savez(root / "layer.npz", W=np.ones((8, 4), np.float32), H=np.eye(8, dtype=np.float32))
+  np.savez(root / "mislabelled.npz", images=np.zeros((20, 32, 32, 3), np.uint8), labels=np.zeros(5, np.int64))
   (root / "user_folder").mkdir(exist_ok=True)
   (root / "user_folder" / "notes.txt").write_text("mine")
   np.savez(root / "user_folder" / "mine.npz", a=np.arange(3))
@@ -225,6 +232,46 @@ def test_overwrite_replaces_only_our_checkpoints(work):
   mask = os.umask(0)
   os.umask(mask)
   assert os.stat(work["q"]).st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_an_empty_out_folder_is_used_without_overwrite(work):
+  out = work["root"] / "made_for_it"
+  out.mkdir()
+  rc, lines, err = gilora("quantize", "--model", work["lm"], *FAST, "--out", out)
+  assert rc == 0, err
+  assert ckpt.is_checkpoint(out) and not os.path.exists(str(out) + ".partial")
+
+
+def test_quantize_layer_results_are_replaced_only_with_overwrite(work, capsys):
+  root = work["root"]
+  np.savez(root / "lay.npz", W=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32),
+           H=np.eye(16, dtype=np.float32))
+  args = ("quantize-layer", root / "lay.npz", "--method", "gptq", "--out", root / "res.npz")
+  assert gilora_here(capsys, *args)[0] == 0
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(root / "res.npz").st_mode & 0o777 == 0o666 & ~mask  # the user's umask, not mkstemp's 0600
+  rc, _, err = gilora_here(capsys, *args)
+  assert_one_line_error(rc, err, "already holds a quantize-layer result; pass --overwrite")
+  assert gilora_here(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_an_interrupted_overwrite_gets_the_previous_checkpoint_back(work):
+  """A kill between moving the old checkpoint aside and renaming the new one in leaves only `.OUT.old-*`: the
+  next run puts it back instead of deleting the only copy."""
+  from gilora_jax.pipeline import run  # pylint: disable=import-outside-toplevel
+  out = str(work["root"] / "interrupted")
+  shutil.copytree(work["q"], work["root"] / ".interrupted.old-x" / "ckpt")
+  run._clean_temporaries(out)  # pylint: disable=protected-access  (what every run does under its lock)
+  assert ckpt.is_checkpoint(out) and not os.path.exists(work["root"] / ".interrupted.old-x")
+
+
+def test_the_comparison_without_diagnostics_prints_dashes(capsys):
+  from gilora_jax.pipeline import apply, run  # pylint: disable=import-outside-toplevel
+  lines = []
+  cfg = apply.make_config(method="gptq", bits=3, rank=4, diagnostics=False)
+  rows = run.example_comparison(cfg.layer, lines.append)
+  assert all(r["rel_err"] is None for r in rows) and "–" in lines[2]
 
 
 def test_a_user_folder_at_out_partial_is_never_touched(work):

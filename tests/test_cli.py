@@ -1,13 +1,9 @@
 """The `gilora` command: quantize-layer's arrays and JSON line; quantize → checkpoint → restore → eval → generate
-on tiny HF folders, a run killed by SIGKILL and resumed bit-identically; the flags and their help. The bad-input
-battery is tests/test_bad_input.py."""
+on tiny HF folders; rules; the flags and their help. The bad-input battery, and the run killed by SIGKILL and
+resumed bit-identically, are in tests/test_bad_input.py."""
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -122,7 +118,6 @@ def test_rules_reach_any_option(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ whole models
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LM_ARGS = ["--method", "gptq+olrc", "--bits", "3", "--rank", "4", "--nsamples", "4", "--seqlen", "32",
            "--batch-size", "2"]
 

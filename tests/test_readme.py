@@ -15,7 +15,9 @@ def test_the_python_example_runs(capsys):
   assert len(blocks) == 1
   exec(compile(blocks[0], "README.md", "exec"), {})  # pylint: disable=exec-used
   out = capsys.readouterr().out.split("\n")
-  objective = [float(v) for v in out[0].strip("[]").split()]
+  gptq_err, olrc_err = float(out[0]), float(out[1])
+  objective = [float(v) for v in out[2].strip("[]").split()]
+  assert olrc_err < gptq_err and objective[0] == pytest.approx(olrc_err, rel=1e-4)  # the composition's steps
   assert len(objective) == 5 and all(b <= a * (1 + 1e-6) for a, b in zip(objective, objective[1:]))
-  rel_err, bound = map(float, out[1].split())
+  rel_err, bound = map(float, out[3].split())
   assert 0 < rel_err < bound

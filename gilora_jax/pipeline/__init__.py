@@ -5,6 +5,8 @@
   apply     `quantize_model`: block-by-block quantization, both propagation protocols, per-module rules
   ckpt      orbax save/restore with verified file manifests (the only orbax import)
   evaluate  perplexity and top-1
+  data      texts, tokenizers, images and arrays, each failing with one line; the calibration sets
   plot      the per-layer error figure
   files     manifests, permissions, the output lock
+  run       the `gilora` command's engine: the resumable run, eval, generate, the built-in comparison
 """

@@ -169,7 +169,7 @@ def _log_record(r: LayerRecord) -> None:
 def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], config: QuantConfig | None = None, *,
                    resume: Resume | None = None,
                    after_block: Callable[[int, nnx.Module, list[LayerRecord]], None] | None = None,
-                   progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+                   progress: Callable[[Iterable[int]], Iterable[int]] | None = None, check: bool = True,
                    **kwargs: Any) -> QuantizeOutput:
   """Quantizes every chosen linear of `model`, block by block; returns a new model and the per-layer records.
 
@@ -180,12 +180,14 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     resume: continue a run from its last finished block (see the module docstring).
     after_block: called as `after_block(i, model, records)` after block i is quantized.
     progress: wraps the block iterator (e.g. `tqdm.tqdm`); the library itself prints nothing.
+    check: validate `config` against every linear first (`check_config`); False when the caller just did.
 
   Returns:
     `QuantizeOutput(model, records)`: the quantized model (a copy) and one `LayerRecord` per quantized linear.
   """
   config = make_config(config, **kwargs)
-  check_config(model, config)
+  if check:
+    check_config(model, config)
   calib_lib.check_batches(calib)
   sites = quant_sites(model)
   num_blocks = len(model.layers)

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Callable
 
@@ -45,8 +46,10 @@ from gilora_jax.models import ARCHITECTURES
 
 INFO_FILE = "gilora_ckpt.json"
 STATE_DIR = "state"
-FORMAT = "gilora_jax.pipeline.ckpt/2"
-LEGACY_FORMATS = ("gilora_jax.pipeline.ckpt/1",)  # no file manifest: restored without verification (with a warning)
+# The format names predate the move of this module into pipeline/: they name the format, not the module, and
+# must never change (checkpoints on disk carry them).
+FORMAT = "gilora_jax.ckpt/2"
+LEGACY_FORMATS = ("gilora_jax.ckpt/1",)  # no file manifest: restored without verification (with a warning)
 FIX = "re-run the command that wrote it, or restore the folder from a backup."
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ def looks_like_checkpoint(path: str | os.PathLike) -> bool:
                                  and not os.path.isfile(os.path.join(path, "config.json")))
 
 
+def _is_empty_dir(path: str) -> bool:
+  return os.path.isdir(path) and not os.listdir(path)
+
+
 def check_replaceable(path: str | os.PathLike) -> None:
   """Raises FileExistsError unless `path` is absent or a finished checkpoint that holds only files it wrote.
 
@@ -71,7 +78,7 @@ def check_replaceable(path: str | os.PathLike) -> None:
   folder), never a checkpoint into which someone has put files of their own.
   """
   folder = os.path.abspath(os.fspath(path))
-  if not os.path.exists(folder) or (os.path.isdir(folder) and not os.listdir(folder)):
+  if not os.path.exists(folder) or _is_empty_dir(folder):
     return  # nothing there, or an empty folder (made for us): nothing of anyone's can be lost
   if not os.path.isdir(folder) or not is_checkpoint(folder):
     raise FileExistsError(f"{folder} exists and is not a gilora_jax checkpoint (no {INFO_FILE}); refusing to replace "
@@ -104,7 +111,7 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
   after the new checkpoint is complete.
   """
   final = os.path.abspath(os.fspath(path))
-  if os.path.exists(final):
+  if os.path.exists(final) and not _is_empty_dir(final):
     if not overwrite:
       raise FileExistsError(f"{final} exists; pass overwrite=True to replace it.")
     check_replaceable(final)
@@ -169,7 +176,9 @@ def read_info(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
     raise files_lib.CorruptCheckpointError(f"{info_path} lacks the checkpoint fields (format, architecture, config, "
                                            f"meta); {fix}")
   if info.get("format") not in (FORMAT, *LEGACY_FORMATS):
-    raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}.")
+    raise ValueError(f"{info_path}: format {info.get('format')!r} is not one this gilora_jax reads "
+                     f"({', '.join((FORMAT, *LEGACY_FORMATS))}); read it with the gilora_jax that wrote it, or "
+                     f"quantize the model again.")
   if info["format"] == FORMAT and info.get("checksum") != _checksum(info):
     raise files_lib.CorruptCheckpointError(f"{info_path} was altered after it was written (its checksum does not "
                                            f"match); {fix}")
@@ -226,7 +235,8 @@ def restore_model(path: str | os.PathLike,
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(os.path.join(folder, STATE_DIR), target)
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types, with long tracebacks)
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    first = re.sub(r"<[^>]*>|See full TensorStore details:.*", "", str(e).strip().splitlines()[0] if str(e).strip()
+                   else "")[:200].strip()
     raise files_lib.CorruptCheckpointError(f"{os.path.join(folder, STATE_DIR)} could not be restored "
                                            f"({type(e).__name__}: {first}); {fix}") from None
   nnx.replace_by_pure_dict(state, restored)

@@ -154,7 +154,10 @@ def load_images(path: str | os.PathLike, split: str | None = None) -> tuple[np.n
   `split="calib"` reads `calib_images`/`calib_labels` from an .npz that has them.
   """
   path = os.fspath(path)
-  if os.path.isfile(path) and path.endswith(".npz"):
+  if os.path.isfile(path) and not path.lower().endswith(".npz"):
+    raise ValueError(f"{path} is a file but not an .npz; pass an image folder (class subfolders, or labels.txt) or an "
+                     f".npz with arrays 'images' and 'labels'.")
+  if os.path.isfile(path):
     z = load_npz(path, "an .npz with arrays 'images' (N, H, W[, C]) uint8 and 'labels' (N,)")
     prefix = "calib_" if split == "calib" and "calib_images" in z else ""
     if f"{prefix}images" not in z or f"{prefix}labels" not in z:
@@ -164,6 +167,9 @@ def load_images(path: str | os.PathLike, split: str | None = None) -> tuple[np.n
       images = images[..., None]
     if len(images) == 0:
       raise ValueError(f"{path}: '{prefix}images' holds no images.")
+    if len(labels) != len(images):
+      raise ValueError(f"{path}: '{prefix}images' holds {len(images)} images but '{prefix}labels' {len(labels)} "
+                       f"labels; save one label per image.")
     return np.stack([to_rgb(i, path) for i in images]), labels.astype(np.int32)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} does not exist; pass an image folder or an .npz with images and labels.")

@@ -113,8 +113,9 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def lock_path(out: str) -> str:
-  """The lock file of an output path: a hidden sibling, so the output itself can be renamed into place."""
-  parent, name = os.path.split(os.path.abspath(out))
+  """The lock file of an output path: a hidden sibling, so the output itself can be renamed into place. Real
+  paths: `--out a` and `--out link_to_a` take the same lock."""
+  parent, name = os.path.split(os.path.realpath(out))
   return os.path.join(parent, f".{name}.lock")
 
 

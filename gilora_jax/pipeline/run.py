@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gilora_jax.config import OptionError, QuantConfig
-from gilora_jax.models import convert, qwen3
+from gilora_jax.models import convert, hf_config, qwen3
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
 from gilora_jax.pipeline.load import load_model
 
@@ -77,11 +77,19 @@ def _within(path: str, folder: str) -> bool:
 
 
 def _clean_temporaries(path: str) -> None:
-  """Removes the hidden `.NAME.tmp-*` / `.NAME.old-*` folders that a killed save of ours left (under the lock)."""
+  """Tidies what a killed save of ours left beside `path` (under the lock): `.NAME.tmp-*` folders (an unfinished
+  new checkpoint) are removed; a `.NAME.old-*` folder holds the previous checkpoint moved aside while the new one
+  was renamed into place, so it is put back when `path` is missing (the kill fell between the two renames) and
+  removed only when `path` is there."""
   parent, name = os.path.split(path)
-  for stale in glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")) + glob.glob(
-      os.path.join(parent, f".{glob.escape(name)}.old-*")):
+  for stale in glob.glob(os.path.join(parent, f".{glob.escape(name)}.tmp-*")):
     shutil.rmtree(stale, ignore_errors=True)
+  for old in glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")):
+    moved = os.path.join(old, "ckpt")
+    if not os.path.exists(path) and ckpt.is_checkpoint(moved):
+      os.rename(moved, path)
+      log.warning("restored %s from %s (a save was interrupted between its renames)", path, old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_out(out: str, folder: str, overwrite: bool) -> None:
@@ -90,6 +98,8 @@ def _check_out(out: str, folder: str, overwrite: bool) -> None:
                       f"the model. Choose another {{name}}.")
   if not os.path.exists(out):
     return
+  if os.path.isdir(out) and not os.listdir(out):
+    return  # an empty folder, made for the output: nothing to lose
   if ckpt.is_checkpoint(out) and not overwrite:
     raise OptionError("out", out, "already holds a finished checkpoint; pass --overwrite to replace it, or "
                       "another {name}.")
@@ -106,6 +116,10 @@ class _Calibration:
                seed: int):
     self.path = os.path.abspath(path or data.default_calib(folder, lm))
     if lm:
+      limit = convert.abstract_hf(folder).config.max_position_embeddings
+      if seqlen > limit:
+        log.warning("--seqlen %d exceeds the model's max_position_embeddings=%d: positions beyond it were never "
+                    "trained, so the calibration activations are not the model's.", seqlen, limit)
       tokenizer = data.load_tokenizer(folder)
       text = data.load_text(self.path, "calibration text (--calib)")
       self.batches = data.lm_calibration(tokenizer, text, nsamples, seqlen, batch_size, seed)
@@ -141,10 +155,11 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
   apply.check_config(abstract, config)
   out = os.path.abspath(out) if out else default_out(folder, config)
   partial = out + PARTIAL_SUFFIX
-  _check_out(out, folder, overwrite)
+  _check_out(out, folder, overwrite)  # fails fast, before waiting for anything
   with files.OutputLock(out):
     for path in (out, partial):
       _clean_temporaries(path)
+    _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
     lm = is_lm(abstract)
     cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed)
     run = json.loads(json.dumps({"source": folder, "calib": cal.record}))  # as a checkpoint stores it
@@ -167,7 +182,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     t0 = time.perf_counter()
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(float_model, cal.batches, config, resume=resume, after_block=after_block,
-                                  progress=wrap)
+                                  progress=wrap, check=False)  # checked above, against the same shapes
     records = [r._asdict() for r in result.records]
     side = {name: os.path.join(folder, name) for name in SIDE_FILES if os.path.isfile(os.path.join(folder, name))}
     side[RECORDS_FILE] = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -247,13 +262,15 @@ def generate_folder(folder: str, prompt: str, max_new_tokens: int, *, verify: bo
   if not prompt.strip():
     raise OptionError("prompt", repr(prompt), "is empty; give the text to continue.")
   folder = convert.local_folder(folder)
+  arch = ckpt.read_info(folder)["architecture"] if ckpt.looks_like_checkpoint(folder) else convert.architecture_of(
+      *hf_config.read_config(folder))
+  if arch != qwen3.ARCHITECTURE:
+    raise ValueError(f"{folder} holds a {arch}, not a causal LM; generate needs a Qwen3ForCausalLM.")
   tokenizer = data.load_tokenizer(folder)
   n = len(data.tokenize(tokenizer, prompt))
   if n == 0:
     raise OptionError("prompt", repr(prompt), "has no tokens under this model's tokenizer; give some text.")
   model = load_model(folder, verify=verify)
-  if not is_lm(model):
-    raise ValueError(f"{folder} holds a {model.config.architecture}, not a causal LM; generate needs Qwen3.")
   limit = model.config.max_position_embeddings
   if n + max_new_tokens > limit:
     log.warning("the prompt (%d tokens) plus --max-new-tokens %d exceeds max_position_embeddings=%d: positions "
@@ -335,10 +352,11 @@ def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, config:
       q = apply.quantize_model(model, calib, run_config)
       seconds = time.perf_counter() - t0
       res = score(q.model)
-      err = float(np.mean([r.rel_err for r in q.records]))
+      errs = [r.rel_err for r in q.records if r.rel_err is not None]  # none with --no-diagnostics
+      err = float(np.mean(errs)) if errs else None
       rows.append({"model": os.path.basename(folder), "label": label, **res, "mean_rel_err": err,
                    "seconds": round(seconds, 2)})
-      emit(f"{label:<14}{res[metric]:>12.4f}{err:>14.5f}{seconds:>9.1f}")
+      emit(f"{label:<14}{res[metric]:>12.4f}{'–' if err is None else f'{err:.5f}':>14}{seconds:>9.1f}")
   return rows
 
 
@@ -361,6 +379,8 @@ def example_comparison(config, table: Callable[[str], None]) -> list[dict]:
   rows = []
   for label, kw in EXAMPLE_RUNS:
     rep = quantize_layer(W, H, config=config.replace(**{"loops": 0, **kw})).report
-    table(f"{label:<15}{rep.rel_err:>10.5f}{rep.upper_bound:>13.5f}{rep.lower_estimate:>12.2e}{rep.seconds:>9.2f}")
+    cells = ["–" if v is None else f"{v:{fmt}}" for v, fmt in ((rep.rel_err, ".5f"), (rep.upper_bound, ".5f"),
+                                                               (rep.lower_estimate, ".2e"))]
+    table(f"{label:<15}{cells[0]:>10}{cells[1]:>13}{cells[2]:>12}{rep.seconds:>9.2f}")
     rows.append({"layer": "example", "label": label, **rep._asdict()})
   return rows

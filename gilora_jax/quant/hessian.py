@@ -102,9 +102,14 @@ def damping(H: jax.Array, damp: float | jax.Array) -> jax.Array:
   return damp * jnp.mean(jnp.diagonal(H))
 
 
+def shifted(H: jax.Array, lam: float | jax.Array) -> jax.Array:
+  """``H + λ I`` for an absolute λ (gilora's augmented λ, SRR's): the one place a diagonal shift is formed."""
+  return H + lam * jnp.eye(H.shape[0], dtype=H.dtype)
+
+
 def damped(H: jax.Array, damp: float | jax.Array) -> jax.Array:
-  """``H_λ = H + λ I`` with ``λ = damp · mean(diag H)``: the one place the damped Hessian is formed."""
-  return H + damping(H, damp) * jnp.eye(H.shape[0], dtype=H.dtype)
+  """``H_λ = H + λ I`` with the relative ``λ = damp · mean(diag H)``."""
+  return shifted(H, damping(H, damp))
 
 
 def factor(Hd: jax.Array, method: str = "cholesky", *, transpose: bool = False) -> jax.Array:
@@ -258,19 +263,32 @@ class Site:
     return W if self.dead is None else _zero_rows(W, self.dead)
 
   def eigh(self) -> tuple[jax.Array, jax.Array]:
-    """Eigenpairs of ``Hf``, descending (``linalg.eigh_desc``), computed once."""
-    return self.memo(("eigh",), lambda: _eigh(self.Hf))
+    """Eigenpairs of ``Hf``, descending (``linalg.eigh_desc``), computed once; an H found indefinite beyond
+    round-off by them is refused (``check_psd``)."""
+    def make():
+      e, V = _eigh(self.Hf)
+      self._check_eigenvalues(e)
+      return e, V
+    return self.memo(("eigh",), make)
 
   def eigenvalues(self) -> jax.Array:
-    """Eigenvalues of ``Hf`` (from ``eigh()`` when it has run, else the cheaper values-only routine)."""
+    """Eigenvalues of ``Hf`` (from ``eigh()`` when it has run, else the cheaper values-only routine), checked
+    like ``eigh()``'s."""
     if ("eigh",) in self._memo:
       return self._memo[("eigh",)][0]
-    return self.memo(("eigvalsh",), lambda: _eigvalsh(self.Hf))
+
+    def make():
+      e = _eigvalsh(self.Hf)
+      self._check_eigenvalues(e)
+      return e
+    return self.memo(("eigvalsh",), make)
 
   def factor(self, damp: float | None = None, *, act_order: bool = False, method: str | None = None) -> Factor:
     """The transposed factor of ``Hf + λI`` (act-order: in sweep order), escalating the damping if needed."""
     damp = self.damp if damp is None else damp
     method = self.method if method is None else method
+    if method == "eigh":  # it floors eigenvalues and never fails: check what it would hide
+      self.check_psd()
 
     def make():
       used, (Tt, perm) = self.escalate(lambda d: _damped_factor(self.Hf, d, act_order, method), damp, method)
@@ -299,8 +317,14 @@ class Site:
 
   def check_psd(self) -> None:
     """Raises ``NotPSDError`` when the smallest eigenvalue of ``Hf`` is below −tol · the largest (round-off of
-    a Gram matrix stays far above; tol 1e-4 in float32, 1e-10 in float64). One eigendecomposition."""
-    e = np.asarray(self.eigenvalues(), np.float64)
+    a Gram matrix stays far above; tol 1e-4 in float32, 1e-10 in float64). Runs with every eigendecomposition of
+    the site (gilora's, SRR's, the bounds', ``factor="eigh"``) and when a Cholesky fails; a GPTQ-only call
+    without diagnostics on an H that is indefinite by less than its damping optimises the damped objective,
+    which is then positive definite, and reports no error."""
+    self.eigenvalues()
+
+  def _check_eigenvalues(self, e: jax.Array) -> None:
+    e = np.asarray(e, np.float64)
     lo, hi = float(e.min()), float(np.abs(e).max())
     tol = _PSD_TOL.get(np.dtype(self.Hf.dtype), 1e-4)
     if hi > 0 and lo < -tol * hi:

@@ -69,7 +69,7 @@ def deflate(H: jax.Array, rank: int, damp: float | jax.Array,
   sig2, V = hessian.top_eigh(H, rank) if eig is None else (eig[0][:rank], eig[1][:, :rank])
   sig2 = jnp.maximum(sig2, 0.0)
   lam = damp * (jnp.trace(H) + jnp.sum(sig2)) / (N + rank)
-  S = H + lam * jnp.eye(N, dtype=H.dtype) - jnp.matmul(V * (sig2**2 / (sig2 + lam))[None, :], V.T, precision=HIGHEST)
+  S = hessian.shifted(H, lam) - jnp.matmul(V * (sig2**2 / (sig2 + lam))[None, :], V.T, precision=HIGHEST)
   return IntrinsicHessian(0.5 * (S + S.T), V, sig2 / (sig2 + lam), lam)
 
 

@@ -104,5 +104,24 @@ def test_the_info_file_holds_what_restore_needs(tmp_path, random_model):
   assert deit.ModelConfig(**info["config"]) == DEIT_CFG and info["meta"] == {"step": 3}
   info["format"] = "something-else/9"
   (tmp_path / "ckpt" / ckpt.INFO_FILE).write_text(json.dumps(info))
-  with pytest.raises(ValueError, match="format 'something-else/9'"):
+  with pytest.raises(ValueError, match="format 'something-else/9' is not one this gilora_jax reads"):
     ckpt.restore_model(path)
+
+
+def test_checkpoints_of_earlier_versions_still_load(tmp_path, random_model, caplog):
+  """Format 1 (before manifests): no file list, no checksum; it loads, unverified, with a warning."""
+  model = random_model(deit.DeiT, DEIT_CFG, 2)
+  path = ckpt.save_model(tmp_path / "old", model, meta={"v": 1})
+  info_path = tmp_path / "old" / ckpt.INFO_FILE
+  info = json.loads(info_path.read_text())
+  assert info["format"] == "gilora_jax.ckpt/2"  # the stored name: it must never change
+  legacy = {k: info[k] for k in ("architecture", "config", "meta")}
+  info_path.write_text(json.dumps({"format": "gilora_jax.ckpt/1", **legacy}))
+  import logging  # pylint: disable=import-outside-toplevel
+  with caplog.at_level(logging.WARNING):
+    restored = load_model(path)
+  assert "without checksums" in caplog.text
+  x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(deit.forward(restored, x)), np.asarray(deit.forward(model, x)))
+  with pytest.raises(FileExistsError, match="older gilora_jax without a file list"):
+    ckpt.save_model(path, model, overwrite=True)
