@@ -151,12 +151,12 @@ def ours_arms(W, H):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   Wj, Hj = jnp.asarray(W), jnp.asarray(H)
-  # diagnostics=False: no error/bound evaluation (an eigvalsh of H) inside the timed call; llmc does none
+  # diagnostics off: no error evaluation inside the timed call; llmc does none
   base = dict(method="gptq", bits=BITS, rank=0, group_size=GROUP_SIZE, symmetric=SYMMETRIC, damp=DAMP,
               act_order=False, block_size=BLOCK_SIZE, diagnostics=False)
 
-  def arm(**extra):
-    kwargs = {**base, **extra}
+  def arm(user_call=None, **extra):
+    kwargs = {**base, **extra} if user_call is None else user_call
 
     def call():
       t = time.perf_counter()
@@ -164,9 +164,15 @@ def ours_arms(W, H):
       jax.block_until_ready([res.Q, res.codes, res.scales, res.zeros])
       return time.perf_counter() - t, res
 
-    return call, {k: v for k, v in kwargs.items() if k in ("block_size", "diagnostics", "static_groups")}
+    return call, (dict(user_call) if user_call else
+                  {k: v for k, v in kwargs.items() if k in ("block_size", "diagnostics", "static_groups")})
 
-  return {"ours": arm(), "ours_static": arm(static_groups=True)}, _git_commit(pathlib.Path(gj.__file__).parent)
+  # What a user types (the README's call): every other option at the library's default, diagnostics included;
+  # and the same with every diagnostic on, to show what they cost.
+  user = dict(method="gptq", bits=BITS, group_size=GROUP_SIZE, symmetric=SYMMETRIC)
+  return ({"ours": arm(), "ours_static": arm(static_groups=True), "ours_default": arm(user),
+           "ours_full_diagnostics": arm({**user, "diagnostics": "full"})},
+          _git_commit(pathlib.Path(gj.__file__).parent))
 
 
 def peer_device(choice):
@@ -331,6 +337,9 @@ def main(argv=None):
                 f"{name}_over_own_floor": best[name] / own_floor_s,
                 f"{name}_rel_err": rel_output_error(W, results[name][0], H),
                 f"{name}_options": ours[name][1]})
+  for name in ("ours_default", "ours_full_diagnostics") if built else ():
+    rec.update({f"{name}_first_s": first[name], f"{name}_warm_s": best[name],
+                f"{name}_over_ours": best[name] / best["ours"], f"{name}_options": ours[name][1]})
   if built:
     rec.update(ours_damp_used=results["ours"][1], gilora_commit=commit)
   if llmc:

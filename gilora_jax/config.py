@@ -33,6 +33,9 @@ FACTORS = ("cholesky", "eigh")
 BIDUP_ORDERS = ("forward", "backward", "both")
 SRR_SCALINGS = ("identity", "diag", "exact")
 SRR_QUANTIZERS = ("gptq", "rtn")
+# What a layer's report holds, cheapest first (``LayerConfig.diagnostics``; ``layer.quantize_layer`` documents each):
+# nothing; what the method computes anyway; + the final relative error; + every stage's error and the bounds.
+DIAGNOSTICS = ("off", "auto", "errors", "full")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,10 +72,14 @@ class LayerConfig:
   rank: int = 32
   damp: float = 0.01
   seed: int = 0
-  diagnostics: bool = True
+  diagnostics: str = "auto"   # one of DIAGNOSTICS (True and False are read as "full" and "off")
   gptq: GPTQOptions = GPTQOptions()
   refine: RefineOptions = RefineOptions()
   srr: SRROptions = SRROptions()
+
+  def __post_init__(self):
+    if isinstance(self.diagnostics, bool):  # the boolean of earlier versions
+      object.__setattr__(self, "diagnostics", "full" if self.diagnostics else "off")
 
   @property
   def effective_rank(self) -> int:
@@ -201,10 +208,12 @@ FIELDS: dict[str, tuple[str, str]] = {
     "srr_k": ("srr.k", "SRR's preserved rank; unset: the paper's criterion"),
     "srr_quantizer": ("srr.quantizer", f"SRR's base quantizer: {' or '.join(SRR_QUANTIZERS)}"),
     "seed": ("seed", "PRNG seed (SRR's random probe, calibration sampling)"),
-    "diagnostics": ("diagnostics", "report the error of every stage and Paper A's bounds"),
+    "diagnostics": ("diagnostics", f"what each layer's report holds: {', '.join(DIAGNOSTICS)} (auto: what the "
+                    f"method computes anyway, and in a whole-model run or quantize-layer the final error; errors: the final error; "
+                    f"full: every stage's error and gilora's bounds)"),
 }
 _CHOICES = {"method": METHODS, "factor": FACTORS, "bidup_order": BIDUP_ORDERS, "srr_scaling": SRR_SCALINGS,
-            "srr_quantizer": SRR_QUANTIZERS}
+            "srr_quantizer": SRR_QUANTIZERS, "diagnostics": DIAGNOSTICS}
 
 
 def _get(cfg: Any, path: str) -> Any:
@@ -250,6 +259,8 @@ def _coerce(name: str, value: Any) -> Any:
   """Integers as Python ints (np.int64 too); a float or bool where an integer belongs is an error, not a
   truncation (rank=3.7 would silently become 3)."""
   kind = field_type(name)
+  if name == "diagnostics" and (isinstance(value, bool) or type(value).__name__ == "bool_"):
+    return "full" if value else "off"  # the boolean of earlier versions: on was every stage's error and the bounds
   if kind in (int, int | None, typing.Optional[int]):
     if value is None:
       if kind is int:

@@ -36,8 +36,9 @@ _NEG_TOL = 1e-6
 
 
 class LayerReport(NamedTuple):
-  """What happened to one layer. Errors are ``tr(EᵀHE)/tr(WᵀHW)`` with the undamped H (None without
-  diagnostics): of Q alone, after the method's own low-rank term, and final (after refinement)."""
+  """What happened to one layer. Errors are ``tr(EᵀHE)/tr(WᵀHW)`` with the undamped H: of Q alone, after the
+  method's own low-rank term, and final (after refinement); which fields are filled (the others are None or
+  empty) is the ``diagnostics`` level's choice (``quantize_layer``)."""
   method: str
   bits: int
   rank: int                            # the rank used (0 for rtn, gptq)
@@ -45,7 +46,8 @@ class LayerReport(NamedTuple):
   rel_err: float | None
   rel_err_quantized: float | None
   rel_err_method: float | None
-  objective: tuple[float, ...]         # the damped objective before refinement and after every refinement step
+  objective: tuple[float, ...]         # the damped objective ``tr(Eᵀ H_λ E)``: after the method, then after the
+                                       # refinement's steps (every step with "full", every OLrC with "auto")
   damp: float                          # the relative damping used (after any escalation)
   lam: float                           # λ of the method's damped objective (gilora: its augmented pass's)
   upper_bound: float | None            # Paper A's Cor. 3.9 bound, relative to tr(WᵀHW) (``quant.bounds``)
@@ -65,25 +67,37 @@ class LayerResult(NamedTuple):
   report: LayerReport
 
 
-def _rel_err(W, Q, lr, H):
-  E = W - Q - mm(lr.L, lr.R)
-  return lowrank.objective(E, H) / jnp.maximum(lowrank.objective(W, H), jnp.finfo(W.dtype).tiny)
+def _error(W, Q, lr, H):
+  return lowrank.objective(W - Q - mm(lr.L, lr.R), H)
 
 
 @jax.jit
 def _stage_errors(W, Wz, H, Hf, Q, lr, damp):
-  """Errors before refinement: Q alone, with the method's low-rank term, and the damped objective."""
+  """Before refinement: the error of Q alone, with the method's low-rank term, ``tr(WᵀHW)``, the damped
+  objective."""
   zero = lowrank.LowRank(lr.L[:, :0], lr.R[:0])
-  return (_rel_err(W, Q, zero, H), _rel_err(W, Q, lr, H),
+  return (_error(W, Q, zero, H), _error(W, Q, lr, H), lowrank.objective(W, H),
           lowrank.objective(Wz - Q - mm(lr.L, lr.R), hessian.damped(Hf, damp)))
 
 
+_final_error = jax.jit(lambda W, H, Q, lr: (_error(W, Q, lr, H), lowrank.objective(W, H)))
+
+
+@jax.jit
+def _error_from_objective(W, Wz, H, Hf, Q, lr, lam, damped_objective):
+  """Final ``(tr(EᵀHE), tr(WᵀHW))`` from the damped objective the method computed anyway: ``tr(Ezᵀ H_λ Ez) −
+  λ‖Ez‖²`` minus the dead rows' unit diagonal (dead rows of H are zero); one product, for ``tr(WᵀHW)``."""
+  Ez = Wz - Q - mm(lr.L, lr.R)
+  dead = jnp.diagonal(H) == 0
+  sq = jnp.sum(Ez * Ez, axis=1)
+  undamped = damped_objective - lam * jnp.sum(sq) - jnp.sum(jnp.where(dead, jnp.diagonal(Hf) * sq, 0.0))
+  return undamped, lowrank.objective(W, H)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "rank"))
-def _final(W, H, eigs, Q, lr, scales, lam, bits: int, rank: int):
-  """Final relative error and Paper A's bounds, relative to tr(WᵀHW)."""
-  tr = jnp.maximum(lowrank.objective(W, H), jnp.finfo(W.dtype).tiny)
-  return (_rel_err(W, Q, lr, H), bounds_lib.upper_bound(eigs, scales, rank, lam) / tr,
-          bounds_lib.lower_estimate(eigs, W, bits, rank) / tr)
+def _bounds(W, eigs, scales, lam, bits: int, rank: int):
+  """Paper A's bounds (absolute; ``quantize_layer`` divides them by ``tr(WᵀHW)``)."""
+  return bounds_lib.upper_bound(eigs, scales, rank, lam), bounds_lib.lower_estimate(eigs, W, bits, rank)
 
 
 _all_finite = jax.jit(lambda *xs: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in xs])))
@@ -96,6 +110,16 @@ def _nonneg(name: str, value: float) -> float:
         f"the {name} came out negative ({value:.3g}), so H is not positive semi-definite: it was not built as "
         f"XᵀX (a difference of Hessians, a mixed-precision sum, a corrupted file?). Rebuild it with hessian.update.")
   return max(value, 0.0)
+
+
+def _relative(name: str, num: Any, den: Any) -> float:
+  """``num / tr(WᵀHW)``, checked: a negative ``tr(WᵀHW)`` is an indefinite H."""
+  num, den = float(num), float(den)
+  if den < 0:
+    _nonneg("output energy tr(WᵀHW)", den / max(abs(num), float(np.finfo(np.float32).tiny)))
+  if den > 0:
+    return _nonneg(name, num / den)
+  return 0.0 if _nonneg(name, num) == 0 else float("inf")  # XW = 0 on every token: any output error is infinite
 
 
 def _inputs(W: Any, H: Any, cfg: LayerConfig) -> tuple[jax.Array, hessian.Site]:
@@ -160,9 +184,19 @@ def quantize_layer(
       ``srr_scaling``, ``srr_k``, ``srr_quantizer``, ``diagnostics``.
 
   Returns:
-    ``LayerResult(Q, L, R, codes, scales, zeros, report)``; ``report`` is a ``LayerReport``. With
-    ``diagnostics=False`` its errors and bounds are None (they cost an eigendecomposition of H and several
-    d_in² d_out products).
+    ``LayerResult(Q, L, R, codes, scales, zeros, report)``; ``report`` is a ``LayerReport`` whose contents the
+    ``diagnostics`` option picks, each level costing more than the one before:
+
+    * ``"off"``: no error at all.
+    * ``"auto"`` (default): only what the method computes anyway, so the call costs what the method costs:
+      ``objective`` holds the damped objectives the method's OLrC steps return (gptq+olrc, gilora, refinement
+      loops); the relative errors stay None.
+    * ``"errors"``: also the final ``rel_err``, for one ``d_in² d_out`` product (``tr(WᵀHW)``; the numerator
+      comes from the free objective where there is one, else from a second product). ``quantize_model`` asks
+      for this level when its config says ``"auto"``: beside a block's Hessians it costs a few per cent.
+    * ``"full"``: every stage's error (Q alone, the method's term, final), the damped objective after every
+      refinement step, and for gilora Paper A's bounds from the eigendecomposition it already computed (the
+      bounds hold for gilora only): about five ``d_in² d_out`` products. ``True``/``False`` mean full/off.
 
   Raises:
     ValueError: on NaN/Inf input, mismatched shapes, an option out of range (``config.OptionError``), an H with
@@ -186,21 +220,31 @@ def quantize_layer(
   Wz = site.zero_dead(W)
   errs: dict[str, Any] = dict(rel_err=None, rel_err_quantized=None, rel_err_method=None, upper_bound=None,
                               lower_estimate=None)
-  objective: list[float] = []
-  if cfg.diagnostics:
-    e_q, e_m, obj = _stage_errors(W, Wz, site.H, site.Hf, Q, lr, out.damp)
-    errs.update(rel_err_quantized=_nonneg("error of Q", float(e_q)), rel_err_method=_nonneg("error", float(e_m)))
+  level, objective = cfg.diagnostics, []
+  if level == "full":
+    n_q, n_m, tr, obj = _stage_errors(W, Wz, site.H, site.Hf, Q, lr, out.damp)
+    errs.update(rel_err_quantized=_relative("error of Q", n_q, tr), rel_err_method=_relative("error", n_m, tr))
     objective = [_nonneg("damped objective", float(obj))]
+  elif level != "off" and out.objective is not None:
+    objective = [_nonneg("damped objective", float(out.objective))]
+  free = out.objective  # the damped objective of the final Q + L R, when it comes for free
   if refines(cfg):
     rc = cfg.refine
     res = refine_lib.refine(Wz, codes, grid, site.Hf, cfg.grid, r, loops=rc.loops, damp=out.damp, order=rc.order,
-                            deflated=rc.deflated, block_size=cfg.gptq.block_size, Tt=out.Tt)
-    codes, Q, lr = res.codes, res.Q, res.lr
-    if cfg.diagnostics:
+                            deflated=rc.deflated, block_size=cfg.gptq.block_size, Tt=out.Tt, trace=level == "full")
+    codes, Q, lr, free = res.codes, res.Q, res.lr, res.objective[-1]
+    if level != "off":
       objective += [_nonneg("damped objective", float(v)) for v in res.objective]
-  if cfg.diagnostics:
-    e, ub, le = _final(W, site.H, site.eigenvalues(), Q, lr, grid.scales, out.lam, cfg.grid.bits, r)
-    errs.update(rel_err=_nonneg("error", float(e)), upper_bound=float(ub), lower_estimate=float(le))
+  if level == "full" or (level == "errors" and free is None):
+    num, tr = _final_error(W, site.H, Q, lr)
+    errs["rel_err"] = _relative("error", num, tr)
+  elif level == "errors":
+    lam = hessian.damping(site.Hf, out.damp)  # the objective's λ (gilora's augmented λ is its sweep's only)
+    num, tr = _error_from_objective(W, Wz, site.H, site.Hf, Q, lr, lam, free)
+    errs["rel_err"] = _relative("error", num, tr)
+  if level == "full" and cfg.method == "gilora":  # the bound holds for gilora; its eigendecomposition is there
+    ub, le = _bounds(W, site.eigenvalues(), grid.scales, out.lam, cfg.grid.bits, r)
+    errs.update(upper_bound=_relative("upper bound", ub, tr), lower_estimate=_relative("lower estimate", le, tr))
   # Finite inputs can still overflow float32 in the grid (|W| near 3e38: an infinite step); never hand that back.
   if not bool(_all_finite(Q, grid.scales, grid.zeros, lr.L, lr.R)):
     raise ValueError(

@@ -9,7 +9,8 @@
 
 Each entry maps `(W, site, cfg)` (the weight, its prepared `hessian.Site`, a `LayerConfig`) to a `MethodOutput`:
 the quantized part, the method's own low-rank term, the damping it used, and the factor that the refinement
-loops may reuse. `quantize_layer` adds the refinement loops (`refine.refine`) and the report.
+loops may reuse, and the damped objective where the method has it for free (OLrC's optimum). `quantize_layer`
+adds the refinement loops (`refine.refine`) and the report.
 """
 # Math-style names follow the papers.  pylint: disable=invalid-name
 from __future__ import annotations
@@ -38,6 +39,7 @@ class MethodOutput(NamedTuple):
   lam: float                # λ of the method's damped objective (gilora: its augmented pass's)
   Tt: jax.Array | None      # the transposed factor of H + λI in natural order, when the method made one
   srr_k: int | None         # SRR's preserved rank
+  objective: jax.Array | None = None  # the damped objective of Q + L R when the method computed it anyway
 
 
 def _empty(W: jax.Array) -> lowrank.LowRank:
@@ -61,7 +63,7 @@ _lorc = jax.jit(lambda Wz, Q, rank: lowrank.lorc(Wz - Q, rank), static_argnames=
 
 @functools.partial(jax.jit, static_argnames=("rank",))
 def _olrc(Wz, Q, H, damp, Tt, rank: int):
-  return lowrank.olrc(Wz - Q, hessian.damped(H, damp), rank, T=None if Tt is None else Tt.T)[0]
+  return lowrank.olrc(Wz - Q, hessian.damped(H, damp), rank, T=None if Tt is None else Tt.T)
 
 
 def rtn(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:
@@ -82,7 +84,8 @@ def gptq_lorc(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutpu
 
 def gptq_olrc(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:
   out = gptq(W, site, cfg)
-  return out._replace(lr=_olrc(site.zero_dead(W), out.Q, site.Hf, out.damp, out.Tt, cfg.rank))
+  lr, optimum = _olrc(site.zero_dead(W), out.Q, site.Hf, out.damp, out.Tt, cfg.rank)
+  return out._replace(lr=lr, objective=optimum)
 
 
 def gilora(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:

@@ -95,7 +95,7 @@ def test_rank_deficient_hessian_is_handled(caplog):
   """Fewer tokens than features: H is singular; damping makes it PD, results are finite."""
   W, _, H = problems.layer(seed=1, d_in=64, d_out=16, n=20)
   with caplog.at_level(logging.WARNING):
-    res = gj.quantize_layer(W, H, method="gilora", bits=3, rank=4)
+    res = gj.quantize_layer(W, H, method="gilora", bits=3, rank=4, diagnostics="full")
   assert np.isfinite(res.report.rel_err) and np.all(np.isfinite(np.asarray(res.Q)))
 
 
@@ -110,7 +110,7 @@ def test_round_off_escalates_the_damping_then_succeeds(caplog):
   """A singular Gram matrix with a tiny damp fails Cholesky by round-off only: the damping is escalated."""
   W, H = _rank_deficient()
   with caplog.at_level(logging.WARNING, logger="gilora_jax.quant.hessian"):
-    res = gj.quantize_layer(W, H, method="gptq", bits=3, damp=1e-9)
+    res = gj.quantize_layer(W, H, method="gptq", bits=3, damp=1e-9, diagnostics="errors")
   assert any("not positive definite" in r.getMessage() for r in caplog.records)
   assert res.report.damp > 1e-9 and res.report.rel_err >= 0
   assert np.all(np.isfinite(np.asarray(res.Q)))
@@ -153,19 +153,47 @@ def test_all_zero_hessian_names_the_missing_tokens(layer, method):
 
 
 def test_indefinite_hessian_that_survives_the_factor_is_still_refused(layer):
-  """An eigenvalue of −0.5 λ passes the damped Cholesky; with diagnostics (the default) the site's eigenvalues
-  are computed for the bounds and the H is refused; factor='eigh', which floors eigenvalues, checks first."""
+  """An eigenvalue of −0.5 λ passes the damped Cholesky. Every eigendecomposition of the site checks it (gilora,
+  SRR, factor='eigh', which floors eigenvalues); an error computed from it comes out negative when W lies in that
+  direction, and the call fails instead of reporting it; the default level reports only the damped objective,
+  which is positive definite."""
   W, H = layer
   lam = 0.01 * np.mean(np.diag(H))
   e, V = np.linalg.eigh(H.astype(np.float64))
   e[0] = -0.5 * lam  # the smallest eigenvalue made negative: H + λI stays positive definite
   H_bad = ((V * e[None, :]) @ V.T).astype(np.float32)
-  for kw in ({}, {"factor": "eigh", "diagnostics": False}):
+  W_bad = (np.outer(V[:, 0], np.ones(W.shape[1])) * 3.0).astype(np.float32)  # all of W in the negative direction
+  for w, kw in ((W, {"method": "gilora", "rank": 4, "diagnostics": "off"}),
+                (W, {"method": "gptq", "factor": "eigh", "diagnostics": "off"}),
+                (W_bad, {"method": "gptq", "diagnostics": "errors"}), (W_bad, {"method": "gptq", "diagnostics": "full"}),
+                (W_bad, {"method": "gptq+olrc", "rank": 4, "diagnostics": "errors"})):
     with pytest.raises(ValueError, match="not positive semi-definite"):
-      gj.quantize_layer(W, H_bad, method="gptq", bits=3, **kw)
-  # Without diagnostics, GPTQ optimises the damped objective (positive definite) and reports no error at all.
-  rep = gj.quantize_layer(W, H_bad, method="gptq", bits=3, diagnostics=False).report
-  assert rep.rel_err is None and rep.objective == ()
+      gj.quantize_layer(w, H_bad, bits=3, **kw)
+  rep = gj.quantize_layer(W_bad, H_bad, method="gptq+olrc", bits=3, rank=4).report
+  assert rep.rel_err is None and len(rep.objective) == 1 and rep.objective[0] >= 0
+
+
+def test_each_diagnostics_level_reports_what_it_says(layer):
+  """off: nothing; auto: the objectives OLrC returns anyway; errors: + the final error, from that free objective
+  or by products, equal to full's; full: every stage and gilora's bounds. Q never depends on the level."""
+  W, H = layer
+  for method, kw in (("gptq", {}), ("gptq+olrc", {"loops": 1}), ("gilora", {}), ("rtn", {})):
+    reps = {lv: gj.quantize_layer(W, H, method=method, bits=3, rank=4, diagnostics=lv, **kw) for lv in
+            ("off", "auto", "errors", "full")}
+    for lv, res in reps.items():
+      np.testing.assert_array_equal(np.asarray(res.codes), np.asarray(reps["full"].codes))
+      np.testing.assert_array_equal(np.asarray(res.R), np.asarray(reps["full"].R))
+    off, auto, errors, full = (reps[lv].report for lv in ("off", "auto", "errors", "full"))
+    assert off.objective == () and off.rel_err is None and auto.rel_err is None and auto.rel_err_quantized is None
+    assert len(auto.objective) == {"gptq": 0, "rtn": 0, "gptq+olrc": 3, "gilora": 1}[method]
+    assert errors.rel_err_quantized is None and errors.upper_bound is None
+    np.testing.assert_allclose(errors.rel_err, full.rel_err, rtol=1e-4)
+    assert full.rel_err_quantized >= full.rel_err_method >= full.rel_err * (1 - 1e-5)
+    assert (full.upper_bound is not None) == (method == "gilora")
+    if auto.objective:  # the free values are the products' up to round-off
+      np.testing.assert_allclose(auto.objective[-1], full.objective[-1], rtol=1e-4)
+  assert gj.quantize_layer(W, H, method="gptq", bits=3, diagnostics=True).report.rel_err_quantized is not None
+  assert gj.quantize_layer(W, H, method="gptq", bits=3, diagnostics=False).report.objective == ()
 
 
 def test_numpy_float64_and_jax_inputs_agree(layer):

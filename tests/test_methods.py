@@ -24,7 +24,7 @@ def problem():
 def test_battery(problem, method, opts):
   W, H = problem
   bits, rank, group = 3, 6, 16
-  res = gj.quantize_layer(W, H, method=method, bits=bits, rank=rank, group_size=group, **opts)
+  res = gj.quantize_layer(W, H, diagnostics="full", method=method, bits=bits, rank=rank, group_size=group, **opts)
   r = 0 if method in ("rtn", "gptq") else rank
   # Shapes and dtypes.
   assert res.Q.shape == W.shape and res.Q.dtype == jnp.float32
@@ -41,7 +41,7 @@ def test_battery(problem, method, opts):
   # The dead feature is zeroed in Q (any value is optimal; zero is the reference's choice).
   np.testing.assert_array_equal(np.asarray(res.Q[3]), 0.0)
   # Deterministic.
-  again = gj.quantize_layer(W, H, method=method, bits=bits, rank=rank, group_size=group, **opts)
+  again = gj.quantize_layer(W, H, diagnostics="full", method=method, bits=bits, rank=rank, group_size=group, **opts)
   np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(res.codes))
   np.testing.assert_array_equal(np.asarray(again.L), np.asarray(res.L))
   assert 0 <= res.report.rel_err < 1
@@ -55,7 +55,7 @@ def test_grid_exact_weight_is_reproduced(method, opts):
   scales, zeros = rng.uniform(0.1, 1, 16), rng.integers(1, 7, 16)
   W = (scales * (codes - zeros)).astype(np.float32)
   _, _, H = problems.layer(seed=1, d_in=32, d_out=16, n=200)
-  res = gj.quantize_layer(W, H.astype(np.float32), method=method, bits=3, rank=4, **opts)
+  res = gj.quantize_layer(W, H.astype(np.float32), diagnostics="full", method=method, bits=3, rank=4, **opts)
   np.testing.assert_array_equal(np.asarray(res.codes), codes)
   np.testing.assert_allclose(np.asarray(res.Q + res.L @ res.R), W, atol=1e-5)
 

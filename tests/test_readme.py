@@ -19,5 +19,7 @@ def test_the_python_example_runs(capsys):
   objective = [float(v) for v in out[2].strip("[]").split()]
   assert olrc_err < gptq_err and objective[0] == pytest.approx(olrc_err, rel=1e-4)  # the composition's steps
   assert len(objective) == 5 and all(b <= a * (1 + 1e-6) for a, b in zip(objective, objective[1:]))
-  rel_err, bound = map(float, out[3].split())
+  free = [float(v) for v in out[3].strip("()").split(",")]  # the one call's default report: OLrC's optima
+  assert len(free) == 4 and free[1:] == pytest.approx(objective[::2], rel=1e-4)
+  rel_err, bound = map(float, out[4].split())
   assert 0 < rel_err < bound

@@ -35,13 +35,14 @@ class RefineResult(NamedTuple):
   codes: jax.Array         # (d_in, d_out) uint8, on the grid given
   Q: jax.Array             # (d_in, d_out) dequantized codes
   lr: lowrank.LowRank      # (d_in, r), (r, d_out)
-  objective: jax.Array     # (2 · loops + 1,) the damped objective after every step
+  objective: jax.Array     # (2 · loops + 1,) the damped objective after every step; (loops + 1,) after every
+                           # OLrC only, with ``trace=False``
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size"))
+@functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size", "trace"))
 def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridSpec, rank: int, *, loops: int,
            damp: float | jax.Array = 0.01, order: str = "forward", deflated: bool = False, block_size: int = 128,
-           Tt: jax.Array | None = None) -> RefineResult:
+           Tt: jax.Array | None = None, trace: bool = True) -> RefineResult:
   """``loops`` × [OLrC → Bid-Up] then OLrC, from Q = the codes on ``grid`` (the grid is never re-fitted).
 
   Args:
@@ -54,11 +55,13 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     order, deflated, block_size: Bid-Up's options (``bidup.bidup``, ``bidup.deflated_hessian``).
     Tt: the transposed factor of ``H + λI`` (``hessian.Factor.Tt``, natural order) when the caller has it:
       OLrC's input side then reuses it instead of factoring again.
+    trace: evaluate the objective after every step (one d_in² d_out product each); False records only the
+      optimum each OLrC returns anyway (free; the codes and factors are the same).
 
   Returns:
     ``RefineResult(codes, Q, lr, objective)``.
   """
-  trace = []
+  values = []
   Hd = hessian.damped(H, damp)
   T = None if Tt is None else Tt.T
 
@@ -67,8 +70,8 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
 
   Q = grid_lib.dequantize(codes, grid, spec)
   for _ in range(loops):  # loops is small and static; each iteration is two exact block steps
-    lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
-    trace.append(objective(Q, lr))
+    lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
+    values.append(objective(Q, lr) if trace else optimum)
     if deflated:
       HS, P = bidup_lib.deflated_hessian(Hd, lr.L)
       codes = bidup_lib.bidup(W, codes, grid, HS, spec, order=order, block_size=block_size)
@@ -77,7 +80,8 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     else:
       codes = bidup_lib.bidup(W - _mm(lr.L, lr.R), codes, grid, Hd, spec, order=order, block_size=block_size)
       Q = grid_lib.dequantize(codes, grid, spec)
-    trace.append(objective(Q, lr))
-  lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
-  trace.append(objective(Q, lr))
-  return RefineResult(codes, Q, lr, jnp.stack(trace))
+    if trace:
+      values.append(objective(Q, lr))
+  lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
+  values.append(objective(Q, lr) if trace else optimum)
+  return RefineResult(codes, Q, lr, jnp.stack(values))

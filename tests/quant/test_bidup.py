@@ -63,7 +63,7 @@ def test_block_size_does_not_change_result():
 @pytest.mark.parametrize("deflated", [False, True])
 def test_refinement_loops_monotone(method, deflated):
   W, H = problems.spectral_drop(seed=2)
-  res = gj.quantize_layer(W, H, method=method, bits=2, rank=8, loops=3, bidup_deflated=deflated,
+  res = gj.quantize_layer(W, H, diagnostics="full", method=method, bits=2, rank=8, loops=3, bidup_deflated=deflated,
                           bidup_order="both")
   obj = np.asarray(res.report.objective)
   assert np.all(np.diff(obj) <= 1e-5 * obj[0]), obj
@@ -73,6 +73,6 @@ def test_refinement_loops_monotone(method, deflated):
 def test_deflated_variant_changes_codes_after_olrc():
   """ALGORITHMS.md's caution: literal Bid-Up after OLrC barely moves; the deflated variant does better."""
   W, H = problems.spectral_drop(seed=3)
-  lit = gj.quantize_layer(W, H, method="gilora", bits=3, rank=8, loops=3)
-  dfl = gj.quantize_layer(W, H, method="gilora", bits=3, rank=8, loops=3, bidup_deflated=True)
+  lit = gj.quantize_layer(W, H, diagnostics="full", method="gilora", bits=3, rank=8, loops=3)
+  dfl = gj.quantize_layer(W, H, diagnostics="full", method="gilora", bits=3, rank=8, loops=3, bidup_deflated=True)
   assert dfl.report.objective[-1] < lit.report.objective[-1]

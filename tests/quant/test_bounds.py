@@ -61,7 +61,7 @@ def test_lower_estimate_value():
 def test_reported_bounds_bracket_the_error():
   W, H = problems.spectral_drop(seed=1)
   for bits in (2, 3, 4):
-    info = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=8).report
+    info = gj.quantize_layer(W, H, diagnostics="full", method="gilora", bits=bits, rank=8).report
     assert 0 <= info.lower_estimate <= info.rel_err <= info.upper_bound, info
 
 

@@ -88,8 +88,8 @@ def test_gptq_beats_rtn_in_output_but_not_weight_error():
   """qwix's relational property on heavy-tailed inputs: larger weight error, smaller output error."""
   W, _, H = problems.layer(seed=5, d_in=256, d_out=128, n=2048, decay=40)
   for bits in (3, 4, 8):
-    g = gj.quantize_layer(W, H, method="gptq", bits=bits, group_size=64)
-    r = gj.quantize_layer(W, H, method="rtn", bits=bits, group_size=64)
+    g = gj.quantize_layer(W, H, diagnostics="full", method="gptq", bits=bits, group_size=64)
+    r = gj.quantize_layer(W, H, diagnostics="full", method="rtn", bits=bits, group_size=64)
     assert g.report.rel_err < 0.8 * r.report.rel_err
     assert np.sum((np.asarray(g.Q) - W) ** 2) > np.sum((np.asarray(r.Q) - W) ** 2)
   ref = rtn_reference(W, 4, group_size=64)

@@ -64,7 +64,7 @@ def test_rank_zero_is_gptq():
 def test_gilora_beats_gptq_olrc_on_decaying_spectrum(seed):
   W, H = problems.spectral_drop(seed=seed)
   for bits in (2, 3, 4):
-    e = {m: gj.quantize_layer(W, H, method=m, bits=bits, rank=8).report.rel_err for m in ("gptq", "gptq+olrc",
+    e = {m: gj.quantize_layer(W, H, diagnostics="full", method=m, bits=bits, rank=8).report.rel_err for m in ("gptq", "gptq+olrc",
                                                                                           "gilora")}
     assert e["gilora"] < e["gptq+olrc"] < e["gptq"], (bits, e)
 

@@ -11,8 +11,8 @@ from tests.quant import problems
 
 def test_k0_exact_scaling_is_gptq_plus_olrc():
   W, H = problems.spectral_drop(seed=0)
-  a = gj.quantize_layer(W, H, method="srr", bits=3, rank=8, srr_k=0)
-  b = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=8)
+  a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=8, srr_k=0)
+  b = gj.quantize_layer(W, H, diagnostics="full", method="gptq+olrc", bits=3, rank=8)
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
   np.testing.assert_allclose(a.report.rel_err, b.report.rel_err, rtol=1e-4)
 
@@ -20,8 +20,8 @@ def test_k0_exact_scaling_is_gptq_plus_olrc():
 def test_k0_identity_scaling_is_gptq_plus_lorc():
   """S = I: the reconstruction is the unweighted SVD of the error, i.e. ZeroQuant-V2's LoRC."""
   W, H = problems.spectral_drop(seed=0)
-  a = gj.quantize_layer(W, H, method="srr", bits=3, rank=8, srr_k=0, srr_scaling="identity")
-  b = gj.quantize_layer(W, H, method="gptq+lorc", bits=3, rank=8)
+  a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=8, srr_k=0, srr_scaling="identity")
+  b = gj.quantize_layer(W, H, diagnostics="full", method="gptq+lorc", bits=3, rank=8)
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
   np.testing.assert_allclose(a.report.rel_err, b.report.rel_err, rtol=1e-4)
 
@@ -31,7 +31,7 @@ def test_k0_diag_scaling_matches_numpy():
   """S = diag(sqrt(diag H + λ)): L R = S⁻¹ SVD_r(S E), from an independent NumPy computation."""
   W, H = problems.spectral_drop(seed=3)
   r = 6
-  res = gj.quantize_layer(W, H, method="srr", bits=3, rank=r, srr_k=0, srr_scaling="diag")
+  res = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=r, srr_k=0, srr_scaling="diag")
   lam = 0.01 * np.mean(np.diag(H))
   s = np.sqrt(np.diag(H) + lam)
   E = W - np.asarray(res.Q)
@@ -43,10 +43,10 @@ def test_k0_diag_scaling_matches_numpy():
 @pytest.mark.parametrize("scaling", ["identity", "diag", "exact"])
 def test_every_split_is_valid_and_criterion_is_seeded(scaling):
   W, H = problems.spectral_drop(seed=1)
-  errs = [gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=k, srr_scaling=scaling).report.rel_err
+  errs = [gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=k, srr_scaling=scaling).report.rel_err
           for k in range(0, 7, 3)]
   # every split spends rank 6 on top of a GPTQ of the residual: it must beat GPTQ with no low-rank term
-  gptq = gj.quantize_layer(W, H, method="gptq", bits=3).report.rel_err
+  gptq = gj.quantize_layer(W, H, diagnostics="full", method="gptq", bits=3).report.rel_err
   assert all(np.isfinite(errs)) and max(errs) < gptq, (errs, gptq)
   a = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_scaling=scaling, seed=11)
   b = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_scaling=scaling, seed=11)
@@ -90,7 +90,7 @@ def test_tail_fractions():
 
 def test_preserved_plus_residual_recovers_full_rank_weight():
   W, H = problems.spectral_drop(seed=4, d_in=16, d_out=8)
-  res = gj.quantize_layer(W, H, method="srr", bits=8, rank=8, srr_k=4)
+  res = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=8, rank=8, srr_k=4)
   assert res.report.rel_err < 1e-6
 
 
@@ -98,13 +98,13 @@ def test_rtn_quantizer_rounds_the_residual_to_nearest():
   """srr_quantizer='rtn': with k = 0 the residual is W itself, so the codes are RTN's, and the rank-r
   reconstruction can only lower RTN's error; with k > 0 the codes are RTN of W − L₁R₁."""
   W, H = problems.spectral_drop(seed=2)
-  rtn = gj.quantize_layer(W, H, method="rtn", bits=3)
-  a = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=0, srr_quantizer="rtn")
+  rtn = gj.quantize_layer(W, H, diagnostics="full", method="rtn", bits=3)
+  a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=0, srr_quantizer="rtn")
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(rtn.codes))
   assert a.report.rel_err < rtn.report.rel_err
-  b = gj.quantize_layer(W, H, method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn")
+  b = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn")
   L1R1 = np.asarray(b.L[:, :3]) @ np.asarray(b.R[:3])
-  res = gj.quantize_layer(W - L1R1, H, method="rtn", bits=3)
+  res = gj.quantize_layer(W - L1R1, H, diagnostics="full", method="rtn", bits=3)
   assert np.mean(np.asarray(b.codes) == np.asarray(res.codes)) > 0.999
 
 
