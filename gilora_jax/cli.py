@@ -166,7 +166,9 @@ def cmd_quantize_layer(a: argparse.Namespace) -> int:
   os.makedirs(parent, exist_ok=True)
   if not os.access(parent, os.W_OK):
     return _fail(f"--out {out}: cannot write into {parent}; pass an --out in a folder you can write to.")
-  res = quantize_layer(arrays["W"], arrays["H"], config=_layer_config(a))
+  cfg = _layer_config(a)  # "auto" includes the final error here: one product, beside reading and writing files
+  res = quantize_layer(arrays["W"], arrays["H"], config=cfg.replace(diagnostics="errors") if cfg.diagnostics ==
+                       "auto" else cfg)
   fd, tmp = tempfile.mkstemp(suffix=".npz", dir=parent)
   try:
     with os.fdopen(fd, "wb") as f:  # written beside OUT, then renamed over it: never a half-written file
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
   # Before the first JAX computation: XLA's per-call buffers then stop page-faulting (gilora_jax/runtime.py).
   runtime.tune_cpu_malloc()
   runtime.pin_lapack()  # before the first LAPACK call: the same factorisations on every x86-64 machine
+  runtime.enable_compilation_cache()  # compile each shape once, across runs too (GILORA_COMPILATION_CACHE=0: off)
   for name in ("gilora", "gilora_jax"):  # one line per layer with -v; orbax/absl/transformers stay at WARNING
     logging.getLogger(name).setLevel(logging.INFO if a.verbose else logging.WARNING)
   logging.getLogger("gilora_jax.pipeline.run").setLevel(logging.INFO)  # resume notes: always shown

@@ -1,11 +1,15 @@
 """Shared pytest configuration: strict numerics, a PRNG-key fixture, float64 on demand."""
 import os
+import tempfile
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads for tiny problems.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The gilora command tunes glibc malloc for the whole process (gilora_jax/runtime.py); keep pytest's own process
 # (and the CLI subprocesses it starts) on the defaults. tests/test_runtime.py checks the tuning in a subprocess.
 os.environ.setdefault("GILORA_MALLOC_TUNING", "0")
+# The gilora command keeps a persistent compilation cache (runtime.enable_compilation_cache): the suite's runs share
+# one for the session, in a temporary folder, never the user's ~/.cache.
+os.environ.setdefault("GILORA_COMPILATION_CACHE", tempfile.mkdtemp(prefix="gilora_jax_test_cache_"))
 
 import jax  # noqa: E402
 

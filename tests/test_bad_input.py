@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from gilora_jax.pipeline import ckpt, files
+from gilora_jax.pipeline import partial as partial_lib
 
 from .pipeline.tiny import make_lm, make_vit
 
@@ -383,14 +384,14 @@ def test_a_killed_run_resumes_bit_identical_but_never_from_a_corrupt_block(tmp_p
   proc = subprocess.Popen([sys.executable, "-m", "gilora_jax.cli", "quantize", "--model", folder, *FAST, "--out", out],
                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 150
-  while not ckpt.is_checkpoint(partial) and proc.poll() is None and time.monotonic() < deadline:
+  while partial_lib.blocks_done(partial) < 1 and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   _, stderr = proc.communicate()
   assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{stderr.decode()[-2000:]}"
-  done = ckpt.read_meta(partial)["quant"]["blocks_done"]
+  done = partial_lib.blocks_done(partial)
   assert 1 <= done < 3 and not ckpt.is_checkpoint(out)
-  victim = _largest_state_file(partial)
+  victim = _largest_state_file(partial_lib.block_dir(partial, 0))
   good = _read(victim)
   _corrupt(victim)
   rc, _, err = gilora("quantize", "--model", folder, *FAST, "--out", out)

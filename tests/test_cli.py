@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from gilora_jax import cli, load_model
 from gilora_jax.models import deit, qwen3
 from gilora_jax.nn import QuantizedLinear
-from gilora_jax.pipeline import apply, ckpt, data, evaluate, run
+from gilora_jax.pipeline import apply, ckpt, data, evaluate, partial, run
 from tests.pipeline.tiny import make_lm
 from tests.quant import problems
 
@@ -152,7 +152,8 @@ def _layer_lines(caplog):
 @pytest.mark.slow
 def test_lm_quantize_save_restore_eval(lm_folder, tmp_path, capsys, caplog):
   out = str(tmp_path / "q")
-  rc, lines, err = _run(capsys, "-v", "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
+  rc, lines, err = _run(capsys, "-v", "quantize", "--model", lm_folder, *LM_ARGS, "--diagnostics", "full", "--out",
+                        out)
   assert rc == 0, err
   assert lines[0]["layers"] == 14 and lines[0]["blocks"] == 2 and lines[0]["resumed_from_block"] is None
   assert "block 2/2 done" in err and len(_layer_lines(caplog)) == 14  # progress per block, one log line per layer
@@ -226,11 +227,15 @@ def test_vit_quantize_eval(vit_folder, tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_refuses_other_options(lm_folder, tmp_path, capsys):
   out = str(tmp_path / "q")
-  model = load_model(lm_folder)
-  ckpt.save_quantized(out + run.PARTIAL_SUFFIX, model, {"config": {}, "num_blocks": 2, "blocks_done": 1}, [],
-                      extra_meta={"run": {}})
+  partial.start(out + run.PARTIAL_SUFFIX, {"source": lm_folder}, {"config": {}, "num_blocks": 2})
   rc, _, err = _run(capsys, "quantize", "--model", lm_folder, *LM_ARGS, "--out", out)
   assert rc == 2 and "unfinished run with other options" in err
+  # a whole-model partial checkpoint of an earlier version is named as such, and left alone
+  old = str(tmp_path / "old")
+  ckpt.save_quantized(old + run.PARTIAL_SUFFIX, load_model(lm_folder), {"config": {}, "num_blocks": 2,
+                                                                        "blocks_done": 1}, [], extra_meta={"run": {}})
+  rc, _, err = _run(capsys, "quantize", "--model", lm_folder, *LM_ARGS, "--out", old)
+  assert rc == 2 and "unfinished run of an earlier gilora_jax" in err and ckpt.is_checkpoint(old + run.PARTIAL_SUFFIX)
 
 
 @pytest.mark.slow

@@ -124,3 +124,26 @@ def test_pin_lapack_sets_the_openblas_variables_before_lapack_loads():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                        timeout=120).stdout
   assert out.startswith("False None None")
+
+
+def test_a_repeated_run_compiles_nothing_new(tmp_path):
+  """The gilora command's persistent compilation cache: the first run fills it, the same run again only reads it
+  (every program a hit, no new entry); GILORA_COMPILATION_CACHE=0 leaves it alone."""
+  from tests.quant import problems  # pylint: disable=import-outside-toplevel
+  W, _, H = problems.layer(seed=0, d_in=256, d_out=128, n=600)
+  np.savez(tmp_path / "in.npz", W=W.astype(np.float32), H=H.astype(np.float32))
+  cache = tmp_path / "cache"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(cache_env):
+    env = {**os.environ, "PYTHONPATH": repo, "GILORA_COMPILATION_CACHE": cache_env}
+    p = subprocess.run([sys.executable, "-m", "gilora_jax.cli", "quantize-layer", str(tmp_path / "in.npz"), "--out",
+                        str(tmp_path / "q.npz"), "--overwrite", "--method", "gptq+olrc", "--rank", "8",
+                        "--group-size", "128"], env=env, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+    return sorted(os.listdir(cache)) if cache.exists() else []
+  first = run(str(cache))
+  assert first, "the first run cached nothing"
+  assert run(str(cache)) == first
+  os.remove(cache / first[0])
+  assert run("0") == first[1:]  # switched off: nothing written

@@ -8,5 +8,6 @@
   data      texts, tokenizers, images and arrays, each failing with one line; the calibration sets
   plot      the per-layer error figure
   files     manifests, permissions, the output lock
+  partial   an unfinished run's per-block shards (what a run resumes from)
   run       the `gilora` command's engine: the resumable run, eval, generate, the built-in comparison
 """

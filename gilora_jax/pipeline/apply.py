@@ -8,9 +8,10 @@ each block returns `(x, taps)`) and a `QUANT_SITES` table in its module (`qwen3`
   2. every chosen linear is quantized by `gilora_jax.quantize_layer` with its site's H and swapped for a
      `QuantizedLinear` (surgery by assignment on a copy of the model: the input model is left untouched);
   3. the inputs of block i + 1 are computed from those of block i through either
-       protocol="quantized": the quantized block (GPTQ's protocol: later layers see earlier layers' errors), or
+       protocol="quantized": the quantized block (GPTQ's protocol: later layers see earlier layers' errors), a
+                             second forward pass per block, or
        protocol="fp":        the full-precision block (the paper's protocol, following Qronos: every block is
-                             calibrated on the float model's activations).
+                             calibrated on the float model's activations), in step 1's pass: one forward per block.
 
 Only one block's activations (for all calibration batches) are resident; Hessians accumulate batch by batch.
 Embeddings, norms and the heads stay in full precision. Per-module `config.Rule`s (regex on the module path,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
@@ -87,8 +89,9 @@ def check_config(model: nnx.Module, config: QuantConfig) -> list[tuple[str, Laye
 
 
 class LayerRecord(NamedTuple):
-  """What happened to one linear. Errors are `tr(EᵀHE)/tr(WᵀHW)` with this block's calibration H (None when
-  `diagnostics=False`): Q alone, after the method's own compensation, and final (after refinement)."""
+  """What happened to one linear. Errors are `tr(EᵀHE)/tr(WᵀHW)` with this block's calibration H: Q alone, after
+  the method's own compensation, and final (after refinement). With `diagnostics="auto"` (the default) only the
+  final one is computed, with "full" all three and gilora's bounds, with "off" none (`quantize_layer`)."""
   block: int
   site: str
   path: str
@@ -119,6 +122,13 @@ class Resume(NamedTuple):
 class QuantizeOutput(NamedTuple):
   model: nnx.Module
   records: list[LayerRecord]
+  # Seconds per stage, each measured after its arrays are ready (so none is charged to the next): "embed", and
+  # summed over blocks "calibration" (the block's forward over every batch and its Hessians; under protocol="fp"
+  # that pass also yields the next block's inputs), "quantize" (every linear, with its diagnostics),
+  # "propagate" (protocol="quantized": the quantized block's forward), "after_block" (the caller's callback: the
+  # CLI's checkpoint) and "resume" (rebuilding a resumed run's activations); "blocks": each block's own figures
+  # (compilation shows as the first block's excess).
+  stages: dict[str, Any] | None = None
 
 
 # Jitted per-block steps. The graphdef is static: blocks of one structure compile once.
@@ -139,6 +149,28 @@ def _block_stats(graphdef, state, x, mask, stats):
   return calib_lib.accumulate(stats, taps, mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _block_stats_forward(graphdef, state, x, mask, stats):
+  """The fp protocol's one pass: the float block's Hessians and its output (the next block's input) together."""
+  y, taps = nnx.merge(graphdef, state)(x)
+  return y, calib_lib.accumulate(stats, taps, mask)
+
+
+def _calibrate(block: nnx.Module, xs: list[jax.Array], calib: Sequence[calib_lib.CalibBatch], d_in: dict[str, int],
+               forward: bool) -> dict[str, hessian.HessianStats]:
+  """The block's Hessians over every batch; with `forward`, each batch's activations replaced by the block's
+  output in the same pass (in place: at most one block's worth plus one batch is alive)."""
+  stats = calib_lib.init_stats(d_in)
+  graphdef, state = nnx.split(block)
+  for k, (x, b) in enumerate(zip(xs, calib)):
+    mask = None if b.mask is None else np.asarray(b.mask, bool)
+    if forward:
+      xs[k], stats = _block_stats_forward(graphdef, state, x, mask, stats)
+    else:
+      stats = _block_stats(graphdef, state, x, mask, stats)
+  return jax.block_until_ready(stats)
+
+
 def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
   """Replaces each batch's activations by the block's output, in place, so at most one block's worth (plus one
   batch) is alive at any time."""
@@ -150,7 +182,8 @@ def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
 
 def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig):
   W = np.asarray(linear.kernel[...], np.float32)
-  res = quantize_layer(W, site, config=cfg)
+  # "auto" here includes the final error: its one d_in² d_out product is a few per cent of the block's Hessians
+  res = quantize_layer(W, site, config=cfg.replace(diagnostics="errors") if cfg.diagnostics == "auto" else cfg)
   bias = None if linear.bias is None else linear.bias[...]
   dtype = str(np.dtype(linear.dtype or "float32"))
   return QuantizedLinear.from_result(res, grid=cfg.grid, bias=bias, dtype=dtype), res.report
@@ -158,12 +191,15 @@ def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig):
 
 def _log_record(r: LayerRecord) -> None:
   if r.rel_err is None:
-    log.info("block %d %s %d×%d %s %db r%d  %.2fs", r.block, r.path.split(".", 2)[-1], r.d_in, r.d_out, r.method,
-             r.bits, r.rank, r.seconds)
-    return
-  log.info("block %d %s %d×%d  rel_err %.4g (quantized) → %.4g (%s) → %.4g (final, r=%d, %d loops)  bound %.4g  "
-           "%.2fs", r.block, r.path.split(".", 2)[-1], r.d_in, r.d_out, r.rel_err_quantized, r.rel_err_method,
-           r.method, r.rel_err, r.rank, r.loops, r.upper_bound, r.seconds)
+    errors = ""
+  elif r.rel_err_quantized is None:  # diagnostics "auto"/"errors": the final error only
+    errors = f"  rel_err {r.rel_err:.4g}"
+  else:
+    errors = (f"  rel_err {r.rel_err_quantized:.4g} (quantized) → {r.rel_err_method:.4g} ({r.method}) → "
+              f"{r.rel_err:.4g} (final, {r.loops} loops)" + ("" if r.upper_bound is None else
+                                                             f"  bound {r.upper_bound:.4g}"))
+  log.info("block %d %s %d×%d %s %db r%d%s  %.2fs", r.block, r.path.split(".", 2)[-1], r.d_in, r.d_out, r.method,
+           r.bits, r.rank, errors, r.seconds)
 
 
 def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], config: QuantConfig | None = None, *,
@@ -183,7 +219,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     check: validate `config` against every linear first (`check_config`); False when the caller just did.
 
   Returns:
-    `QuantizeOutput(model, records)`: the quantized model (a copy) and one `LayerRecord` per quantized linear.
+    `QuantizeOutput(model, records, stages)`: the quantized model (a copy), one `LayerRecord` per quantized
+    linear, and the seconds of each stage (`QuantizeOutput.stages`).
   """
   config = make_config(config, **kwargs)
   if check:
@@ -195,23 +232,38 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   start = 0 if resume is None else resume.blocks_done
   new = clone(model if resume is None else resume.model)
   records = [] if resume is None else list(resume.records)
+  fp = config.protocol == "fp"
+  stages: dict[str, Any] = {k: 0.0 for k in ("embed", "resume", "calibration", "quantize", "propagate",
+                                             "after_block")}
+  stages["blocks"] = []
+  clock = time.perf_counter()
+
+  def lap(name: str, block_stages: dict | None = None) -> None:
+    nonlocal clock
+    now = time.perf_counter()
+    stages[name] += now - clock
+    if block_stages is not None:
+      block_stages[name] = round(now - clock, 3)
+    clock = now
 
   graphdef, state = nnx.split(model)
-  xs = [_embed(graphdef, state, np.asarray(b.inputs)) for b in calib]
-  source = new if config.protocol == "quantized" else model
+  xs = jax.block_until_ready([_embed(graphdef, state, np.asarray(b.inputs)) for b in calib])
+  lap("embed")
+  d_in_of = lambda block: {site: get_path(block, paths[0]).kernel.shape[0]  # noqa: E731
+                           for site, paths in sites.items()}
   for i in range(start):  # resume: rebuild block `start`'s inputs exactly as the uninterrupted run did
-    xs = _forward(source.layers[i], xs)
+    if fp:  # the same program as the uninterrupted run's pass (its Hessians are dropped)
+      _calibrate(model.layers[i], xs, calib, d_in_of(model.layers[i]), forward=True)
+    else:
+      xs = jax.block_until_ready(_forward(new.layers[i], xs))
+  lap("resume")
 
   blocks = range(start, num_blocks)
   for i in (progress(blocks) if progress else blocks):
     block = new.layers[i]  # still all-float: surgery happens after the Hessians are collected
-    d_in = {site: get_path(block, paths[0]).kernel.shape[0] for site, paths in sites.items()}
-    stats = calib_lib.init_stats(d_in)
-    graphdef, state = nnx.split(block)
-    for x, b in zip(xs, calib):
-      mask = None if b.mask is None else np.asarray(b.mask, bool)
-      stats = _block_stats(graphdef, state, x, mask, stats)
-    float_block = clone(block) if config.protocol == "fp" else None  # the fp protocol propagates through it
+    timing: dict[str, Any] = {"block": i}
+    stats = _calibrate(block, xs, calib, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
+    lap("calibration", timing)
     for site, paths in sites.items():
       chosen = [(rel, config.for_module(f"layers.{i}.{rel}")) for rel in paths]
       chosen = [(rel, cfg) for rel, cfg in chosen if cfg is not None]
@@ -235,7 +287,13 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
         _log_record(rec)
       del prepared
     del stats
-    xs = _forward(block if config.protocol == "quantized" else float_block, xs)
+    lap("quantize", timing)
+    if not fp and i + 1 < num_blocks:  # the last block's outputs feed nothing
+      xs = jax.block_until_ready(_forward(block, xs))
+    lap("propagate", timing)
     if after_block is not None:
       after_block(i, new, records)
-  return QuantizeOutput(new, records)
+    lap("after_block", timing)
+    stages["blocks"].append(timing)
+  return QuantizeOutput(new, records, {k: round(v, 3) if isinstance(v, float) else v for k, v in stages.items()})
+

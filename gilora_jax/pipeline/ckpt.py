@@ -95,7 +95,7 @@ def check_replaceable(path: str | os.PathLike) -> None:
                           f"Move them out, or choose another output path.")
 
 
-def _checksum(info: dict[str, Any]) -> str:
+def checksum(info: dict[str, Any]) -> str:
   body = json.dumps({k: v for k, v in info.items() if k != "checksum"}, sort_keys=True)
   return hashlib.sha256(body.encode()).hexdigest()
 
@@ -117,13 +117,21 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
     check_replaceable(final)
   cfg = model.config
   info = {"format": FORMAT, "architecture": cfg.architecture, "config": dataclasses.asdict(cfg), "meta": meta or {}}
+  return write_folder(final, nnx.to_pure_dict(nnx.state(model)), info, files)
+
+
+def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, str | bytes] | None = None) -> str:
+  """Atomically writes the folder `final`: `tree` (a pure dict of arrays) by orbax into `state/`, the extra
+  `files`, then `INFO_FILE` holding `info` with the manifest of every other file and a checksum of itself, in a
+  hidden temporary sibling renamed into place at the end. An existing `final` is replaced only after the new
+  folder is complete (callers decide whether it may be: `check_replaceable`)."""
   json.dumps(info)  # fail on non-JSON meta before writing anything
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
   tmp = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.tmp-")
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(tmp, STATE_DIR), nnx.to_pure_dict(nnx.state(model)))
+      checkpointer.save(os.path.join(tmp, STATE_DIR), tree)
       checkpointer.wait_until_finished()
     for name, src in (files or {}).items():
       dst = os.path.join(tmp, name)
@@ -131,8 +139,8 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
         files_lib.write_bytes(dst, src)
       else:
         shutil.copyfile(src, dst)
-    info["files"] = files_lib.manifest(tmp)
-    info["checksum"] = _checksum(info)
+    info = {**info, "files": files_lib.manifest(tmp)}
+    info["checksum"] = checksum(info)
     with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:  # last: its presence marks "finished"
       f.write(json.dumps(info, indent=2))
       f.flush()
@@ -152,6 +160,27 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
   return final
 
 
+def read_checked(info_path: str, fields: set[str], formats: tuple[str, ...], fix: str) -> dict[str, Any]:
+  """A folder's metadata JSON, checked: valid JSON with `fields`, a format among `formats`, and (for the first,
+  current format) its own checksum. One-line errors naming the file and `fix`."""
+  try:
+    with open(info_path, encoding="utf-8") as f:
+      info = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise files_lib.CorruptCheckpointError(f"{info_path} is not valid JSON ({e}): the checkpoint's metadata is "
+                                           f"damaged; {fix}") from None
+  if not isinstance(info, dict) or not fields <= set(info):
+    raise files_lib.CorruptCheckpointError(f"{info_path} lacks the checkpoint fields ({', '.join(sorted(fields))}); "
+                                           f"{fix}")
+  if info.get("format") not in formats:
+    raise ValueError(f"{info_path}: format {info.get('format')!r} is not one this gilora_jax reads "
+                     f"({', '.join(formats)}); read it with the gilora_jax that wrote it, or quantize the model again.")
+  if info["format"] == formats[0] and info.get("checksum") != checksum(info):
+    raise files_lib.CorruptCheckpointError(f"{info_path} was altered after it was written (its checksum does not "
+                                           f"match); {fix}")
+  return info
+
+
 def read_info(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
   """The checkpoint's JSON: {"format", "architecture", "config", "meta", "files", "checksum"}.
 
@@ -166,22 +195,7 @@ def read_info(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
                               f"metadata (deleted, or the save never finished); {fix}")
     raise FileNotFoundError(f"{folder} is not a finished gilora_jax checkpoint (no {INFO_FILE}); a save that was "
                             f"interrupted leaves only a hidden .tmp- folder. Save the model again.")
-  try:
-    with open(info_path, encoding="utf-8") as f:
-      info = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise files_lib.CorruptCheckpointError(f"{info_path} is not valid JSON ({e}): the checkpoint's metadata is "
-                                           f"damaged; {fix}") from None
-  if not isinstance(info, dict) or not {"format", "architecture", "config", "meta"} <= set(info):
-    raise files_lib.CorruptCheckpointError(f"{info_path} lacks the checkpoint fields (format, architecture, config, "
-                                           f"meta); {fix}")
-  if info.get("format") not in (FORMAT, *LEGACY_FORMATS):
-    raise ValueError(f"{info_path}: format {info.get('format')!r} is not one this gilora_jax reads "
-                     f"({', '.join((FORMAT, *LEGACY_FORMATS))}); read it with the gilora_jax that wrote it, or "
-                     f"quantize the model again.")
-  if info["format"] == FORMAT and info.get("checksum") != _checksum(info):
-    raise files_lib.CorruptCheckpointError(f"{info_path} was altered after it was written (its checksum does not "
-                                           f"match); {fix}")
+  info = read_checked(info_path, {"format", "architecture", "config", "meta"}, (FORMAT, *LEGACY_FORMATS), fix)
   if info["architecture"] not in ARCHITECTURES:
     raise ValueError(f"{info_path}: unknown architecture {info['architecture']!r}; known: {sorted(ARCHITECTURES)}.")
   return info
@@ -229,18 +243,28 @@ def restore_model(path: str | os.PathLike,
     build = build_abstract
   abstract = nnx.eval_shape(lambda: build(cfg, info["meta"]))
   graphdef, state = nnx.split(abstract)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
+  target = abstract_target(state)
+  nnx.replace_by_pure_dict(state, read_tree(folder, target, fix))
+  return nnx.merge(graphdef, state)
+
+
+def read_tree(folder: str, target: Any, fix: str = FIX) -> Any:
+  """The orbax `state/` of `folder` restored into `target` (a pytree of ShapeDtypeStructs); orbax's and
+  tensorstore's many error types become one `CorruptCheckpointError` line."""
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.join(folder, STATE_DIR), target)
+      return checkpointer.restore(os.path.join(folder, STATE_DIR), target)
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types, with long tracebacks)
     first = re.sub(r"<[^>]*>|See full TensorStore details:.*", "", str(e).strip().splitlines()[0] if str(e).strip()
                    else "")[:200].strip()
     raise files_lib.CorruptCheckpointError(f"{os.path.join(folder, STATE_DIR)} could not be restored "
                                            f"({type(e).__name__}: {first}); {fix}") from None
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state)
+
+
+def abstract_target(state: Any) -> Any:
+  """ShapeDtypeStructs on the default device for every array of an NNX state (what `read_tree` restores into)."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
 
 
 # ------------------------------------------------------------------------------------------------------------------

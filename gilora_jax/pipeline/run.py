@@ -7,8 +7,9 @@ config.json alone, `convert.abstract_hf`), the output path (never the model fold
 existing one only if it is a finished gilora checkpoint holding nothing else, with `overwrite`), an unfinished
 run of other options, and the calibration data (readable, long enough, a tokenizer). It then holds an exclusive
 lock on the output (`files.OutputLock`: a second run fails at once, naming the first's PID) while it loads the
-weights, quantizes block by block, saves a verified checkpoint of the finished blocks in `OUT.partial` after each
-block, resumes from it when the same command is run again (bit-identical), and writes `OUT` atomically.
+weights, quantizes block by block, writes each finished block as a verified shard of `OUT.partial`
+(`gilora_jax.pipeline.partial`: one block written per block, nothing rewritten), resumes from those shards when
+the same command is run again (bit-identical), and writes `OUT` atomically.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from gilora_jax import nn
 from gilora_jax.config import OptionError, QuantConfig
 from gilora_jax.models import convert, hf_config, qwen3
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
+from gilora_jax.pipeline import partial as partial_lib
 from gilora_jax.pipeline.load import load_model
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
   `progress(total, initial)` may return a wrapper of the block iterator (a tqdm bar). `verify=False` skips the
   SHA-256 check of a partial checkpoint being resumed.
   """
+  t_start = time.perf_counter()
   at_least("nsamples", nsamples)
   at_least("seqlen", seqlen, why=" (tokens per calibration window)")
   at_least("batch_size", batch_size)
@@ -161,28 +165,35 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
       _clean_temporaries(path)
     _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
     lm = is_lm(abstract)
+    t = time.perf_counter()
     cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed)
+    stages = {"checks": round(t - t_start, 3), "calibration_data": round(time.perf_counter() - t, 3)}
     run = json.loads(json.dumps({"source": folder, "calib": cal.record}))  # as a checkpoint stores it
     quant = {"config": json.loads(json.dumps(config.to_json())), "num_blocks": len(abstract.layers)}
-    resume_meta = _check_partial(partial, run, quant)
+    fix = f"delete {partial} to start over."
+    done = _check_partial(partial, run, quant, fix)
+    t = time.perf_counter()
     float_model = load_model(folder)
+    stages["load"] = round(time.perf_counter() - t, 3)
     resume = None
-    if resume_meta is not None:
-      done = resume_meta["quant"]["blocks_done"]
-      fix = f"delete {partial} to start over."
-      partial_model = ckpt.restore_model(partial, verify_files=verify, fix=fix)
-      resume = apply.Resume(partial_model, [apply.LayerRecord(**r) for r in resume_meta["records"]], done)
+    if done:
+      restored, recs = partial_lib.restore_blocks(partial, nn.clone(float_model), done, verify=verify, fix=fix)
+      resume = apply.Resume(restored, [apply.LayerRecord(**r) for r in recs], done)
       log.info("resuming %s from block %d of %d", partial, done, quant["num_blocks"])
+    elif done is None:
+      partial_lib.start(partial, run, quant)
 
-    def after_block(i, partial_model, recs):
-      if i + 1 < quant["num_blocks"]:
-        ckpt.save_quantized(partial, partial_model, {**quant, "blocks_done": i + 1}, [r._asdict() for r in recs],
-                            overwrite=True, extra_meta={"run": run})
+    def after_block(i, model, recs):  # one shard per finished block: nothing finished is ever rewritten
+      partial_lib.save_block(partial, i, model.layers[i], [r._asdict() for r in recs if r.block == i])
 
+    stages["restore"] = round(time.perf_counter() - t - stages["load"], 3)
     t0 = time.perf_counter()
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(float_model, cal.batches, config, resume=resume, after_block=after_block,
                                   progress=wrap, check=False)  # checked above, against the same shapes
+    stages.update(result.stages, quantize_model=round(time.perf_counter() - t0, 3))
+    stages["checkpoint"] = stages.pop("after_block")  # our after_block writes the block's shard
+    t = time.perf_counter()
     records = [r._asdict() for r in result.records]
     side = {name: os.path.join(folder, name) for name in SIDE_FILES if os.path.isfile(os.path.join(folder, name))}
     side[RECORDS_FILE] = "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -190,32 +201,36 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
                                       f"{config.layer.grid.bits}-bit, rank {config.layer.rank}")
     ckpt.save_quantized(out, result.model, {**quant, "blocks_done": quant["num_blocks"]}, records,
                         overwrite=overwrite, files=side, extra_meta={"run": run, "source": folder})
-    if ckpt.is_checkpoint(partial):  # ours (it holds our metadata): the finished run supersedes it
-      shutil.rmtree(partial)
+    partial_lib.remove(partial)  # the finished run supersedes it (only what we wrote there is removed)
     for path in (out, partial):
       _clean_temporaries(path)
+    stages["write"] = round(time.perf_counter() - t, 3)
   errs = [r["rel_err"] for r in records if r["rel_err"] is not None]
   layer = config.layer
   return {"out": out, "model": folder, "method": layer.method, "bits": layer.grid.bits, "rank": layer.rank,
           "protocol": config.protocol, "layers": len(records), "blocks": quant["num_blocks"],
           "nsamples": cal.nsamples, "mean_rel_err": float(np.mean(errs)) if errs else None,
-          "max_rel_err": float(np.max(errs)) if errs else None, "seconds": round(time.perf_counter() - t0, 2),
-          "resumed_from_block": None if resume is None else resume.blocks_done}
+          "max_rel_err": float(np.max(errs)) if errs else None, "seconds": round(time.perf_counter() - t_start, 2),
+          "resumed_from_block": None if resume is None else resume.blocks_done, "stages": stages}
 
 
-def _check_partial(partial: str, run: dict, quant: dict) -> dict | None:
-  """The metadata of an unfinished run to resume, None when there is none; an error for a folder at that path
-  that is not ours, or a run of other options."""
+def _check_partial(partial: str, run: dict, quant: dict, fix: str) -> int | None:
+  """How many blocks an unfinished run at `partial` has finished (None when there is no such run); an error for a
+  folder there that is not ours, or a run of other options."""
   if not os.path.exists(partial):
     return None
-  if not ckpt.is_checkpoint(partial):
-    raise FileExistsError(f"{partial} exists but is not a gilora partial checkpoint (no {ckpt.INFO_FILE}); gilora "
+  if not partial_lib.is_partial(partial):
+    if ckpt.is_checkpoint(partial):
+      raise ValueError(f"{partial} holds an unfinished run of an earlier gilora_jax (one checkpoint of the whole "
+                       f"model); finish it with that version, or delete it to start over.")
+    raise FileExistsError(f"{partial} exists but is not a gilora partial checkpoint (no {partial_lib.INFO}); gilora "
                           f"keeps an unfinished run there. Move it away, or pass another --out.")
-  meta = ckpt.read_meta(partial)
-  if meta.get("run") != run or meta.get("quant", {}).get("config") != quant["config"]:
+  meta = partial_lib.read(partial, fix)
+  if meta["run"] != run or meta["quant"] != quant:
     raise ValueError(f"{partial} holds an unfinished run with other options; delete it to start over, or run the "
-                     f"command that started it (options stored in {partial}/{ckpt.INFO_FILE}).")
-  return meta
+                     f"command that started it (options stored in {partial}/{partial_lib.INFO}).")
+  partial_lib.clean(partial)
+  return partial_lib.blocks_done(partial)
 
 
 def source_folder(folder: str) -> str:
@@ -368,10 +383,12 @@ EXAMPLE_RUNS = (  # (label, flat overrides) for the built-in example layer
 
 def example_comparison(config, table: Callable[[str], None]) -> list[dict]:
   """The built-in example layer, every method at the same bits and rank (when the built-in models are absent).
-  No shared site on purpose: each row's seconds include the Hessian work."""
+  No shared site on purpose: each row's seconds include the Hessian work. Diagnostics "auto" means "full" here:
+  the table is the comparison of errors (gilora's rows carry the bounds)."""
   from gilora_jax.examples import example_layer  # pylint: disable=import-outside-toplevel
   from gilora_jax.layer import quantize_layer  # pylint: disable=import-outside-toplevel
   W, H = example_layer()
+  config = config.replace(diagnostics="full") if config.diagnostics == "auto" else config
   g = config.grid
   table(f"built-in example layer: W {W.shape[0]}×{W.shape[1]}, {g.bits}-bit, rank {config.rank}"
         f"{'' if g.group_size is None else f', group {g.group_size}'}")

@@ -12,18 +12,7 @@ from gilora_jax import nn
 from gilora_jax.nn import QuantizedLinear, pack_codes
 from gilora_jax.quant import hessian
 
-from .tiny import LM_CONFIG, random_model
-
-
-@pytest.fixture(scope="module")
-def lm():
-  return random_model(qwen3.Qwen3, qwen3.ModelConfig(**LM_CONFIG), seed=3)
-
-
-@pytest.fixture(scope="module")
-def lm_calib():
-  ids = np.random.default_rng(5).integers(0, LM_CONFIG["vocab_size"], size=(4, 24)).astype(np.int32)
-  return calib.batches(ids, 2)
+from .tiny import LM_CONFIG
 
 
 def _codes(model):
@@ -50,7 +39,7 @@ def _rel_err_q(lin_float, lin_q, H):
 @pytest.mark.parametrize("protocol", ["quantized", "fp"])
 def test_hessians_follow_the_protocol(lm, lm_calib, protocol):
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lm)))
-  out = apply.quantize_model(lm, lm_calib, method="gptq", bits=3, protocol=protocol)
+  out = apply.quantize_model(lm, lm_calib, diagnostics="full", method="gptq", bits=3, protocol=protocol)
   # The input model is untouched; the new one has every site quantized, nothing else.
   assert all(isinstance(lm.layers[i].self_attn.q_proj, nnx.Linear) for i in range(2))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(lm))))
