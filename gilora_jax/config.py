@@ -209,8 +209,8 @@ FIELDS: dict[str, tuple[str, str]] = {
     "srr_quantizer": ("srr.quantizer", f"SRR's base quantizer: {' or '.join(SRR_QUANTIZERS)}"),
     "seed": ("seed", "PRNG seed (SRR's random probe, calibration sampling)"),
     "diagnostics": ("diagnostics", f"what each layer's report holds: {', '.join(DIAGNOSTICS)} (auto: what the "
-                    f"method computes anyway, and in a whole-model run or quantize-layer the final error; errors: the final error; "
-                    f"full: every stage's error and gilora's bounds)"),
+                    f"method computes anyway, and in a whole-model run or quantize-layer the final error; errors: "
+                    f"the final error; full: every stage's error and gilora's bounds)"),
 }
 _CHOICES = {"method": METHODS, "factor": FACTORS, "bidup_order": BIDUP_ORDERS, "srr_scaling": SRR_SCALINGS,
             "srr_quantizer": SRR_QUANTIZERS, "diagnostics": DIAGNOSTICS}

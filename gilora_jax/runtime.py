@@ -162,3 +162,15 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def release_free_memory() -> None:
+  """Returns the heap's free pages to the OS (glibc ``malloc_trim(0)``, which also releases free pages inside
+  the heap). With ``tune_cpu_malloc``'s policy nothing is trimmed on its own, so the host copies a model load
+  frees stay resident: after loading a 0.87 GB model, 1.67 GB resident became 1.32 GB. A no-op off glibc."""
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    return
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass

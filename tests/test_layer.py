@@ -165,7 +165,8 @@ def test_indefinite_hessian_that_survives_the_factor_is_still_refused(layer):
   W_bad = (np.outer(V[:, 0], np.ones(W.shape[1])) * 3.0).astype(np.float32)  # all of W in the negative direction
   for w, kw in ((W, {"method": "gilora", "rank": 4, "diagnostics": "off"}),
                 (W, {"method": "gptq", "factor": "eigh", "diagnostics": "off"}),
-                (W_bad, {"method": "gptq", "diagnostics": "errors"}), (W_bad, {"method": "gptq", "diagnostics": "full"}),
+                (W_bad, {"method": "gptq", "diagnostics": "errors"}),
+                (W_bad, {"method": "gptq", "diagnostics": "full"}),
                 (W_bad, {"method": "gptq+olrc", "rank": 4, "diagnostics": "errors"})):
     with pytest.raises(ValueError, match="not positive semi-definite"):
       gj.quantize_layer(w, H_bad, bits=3, **kw)

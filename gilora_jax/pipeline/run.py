@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from gilora_jax import nn
+from gilora_jax import nn, runtime
 from gilora_jax.config import OptionError, QuantConfig
 from gilora_jax.models import convert, hf_config, qwen3
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
@@ -174,6 +174,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     done = _check_partial(partial, run, quant, fix)
     t = time.perf_counter()
     float_model = load_model(folder)
+    runtime.release_free_memory()  # the load's host copies, freed but kept by the tuned malloc
     stages["load"] = round(time.perf_counter() - t, 3)
     resume = None
     if done:
