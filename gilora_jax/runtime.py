@@ -144,7 +144,8 @@ def default_cache_dir() -> str:
 def enable_compilation_cache(path: str | None = None) -> str | None:
   """Points JAX's persistent compilation cache at `path` (default: ``GILORA_COMPILATION_CACHE`` if it names a
   folder, else ``default_cache_dir()``) unless the user configured one (``JAX_COMPILATION_CACHE_DIR``) or
-  switched it off (``GILORA_COMPILATION_CACHE=0``). Caches every compilation of at least 0.1 s. Returns the folder
+  switched it off (``GILORA_COMPILATION_CACHE=0``). Caches every compilation of at least 0.1 s (or
+  ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``). Returns the folder
   in use, or None. Never raises: an unwritable folder only costs the cache."""
   env = os.environ.get(CACHE_ENV, "").strip()
   if env.lower() in ("0", "false", "no", "off"):
@@ -159,7 +160,8 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     log.warning("compilation cache off: cannot create %s (%s); set %s to a writable folder or 0", path, e, CACHE_ENV)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's threshold wins
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 

@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from gilora_jax import runtime
 from gilora_jax.models import ARCHITECTURES, ModelSpec, deit, hf_config, qwen3
 
 SAFETENSORS = "model.safetensors"
@@ -183,24 +184,6 @@ def _safetensors_files(folder: str) -> list[str]:
                           f"checkpoints are read; re-save a PyTorch .bin checkpoint with `save_pretrained` first.")
 
 
-def _read_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(key, array) for every tensor of one safetensors file; corrupt or truncated files raise naming the file.
-
-  The file is mapped anew for each tensor and unmapped after it: the pages of a mapping count in the process's
-  resident memory until it is closed, so one mapping held over the whole file doubled the peak of a load (a
-  0.87 GB model peaked at 3.1 GB, 2.3 GB with a mapping per tensor)."""
-  try:
-    with safe_open(path, framework="numpy") as f:
-      keys = list(f.keys())
-    for key in keys:
-      with safe_open(path, framework="numpy") as f:
-        value = f.get_tensor(key)
-      yield key, value
-  except SafetensorError as e:
-    raise ValueError(f"{path} is not a readable safetensors file ({e}). It is corrupt or truncated (an interrupted "
-                     f"copy or download?); replace it with an intact copy.") from e
-
-
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
   out = {}
   for k, v in tree.items():
@@ -244,48 +227,97 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
   config, where = hf_config.read_config(folder)
   name = architecture_of(config, where)
   cfg = ARCHITECTURES[name].config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
-  return load_state(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder))
+  return LazyHF.from_files(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder)).load()
 
 
 def load_state(arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> nnx.Module:
   """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files` through `table`."""
-  abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  pure = nnx.to_pure_dict(state)
-  targets = {_dotted(p): (p, leaf) for p, leaf in _flatten(pure).items()}
-  ignored = [re.compile(r) for r in table.ignored(cfg)]
-  filled, unexpected, wrong_shape = set(), [], []
-  for file in files:
-    for key, value in _read_tensors(file):
-      if any(r.fullmatch(key) for r in ignored):
+  return LazyHF.from_files(arch, table, cfg, files).load()
+
+
+class LazyHF:
+  """A HF checkpoint read lazily: the abstract model from config.json, every tensor located (file, key, layout)
+  and shape-checked from the safetensors headers up front, and any sub-module's weights read on demand
+  (`load("layers.3")`), so a block-by-block job holds one block of float weights, not the model.
+
+  Every mismatch (HF keys with no target, targets no key fills, wrong shapes) is raised together, before any
+  weight is read, in one `CheckpointMismatchError`.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
+    folder = local_folder(path)
+    config, where = hf_config.read_config(folder)
+    name = architecture_of(config, where)
+    cfg = ARCHITECTURES[name].config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
+    self._setup(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder))
+
+  @classmethod
+  def from_files(cls, arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> LazyHF:
+    self = cls.__new__(cls)
+    self._setup(arch, table, cfg, files)
+    return self
+
+  def _setup(self, arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> None:
+    self.config = cfg
+    self.abstract = nnx.eval_shape(lambda: arch.model_cls(cfg, rngs=nnx.Rngs(0)))
+    leaves = {_dotted(p): leaf for p, leaf in _flatten(nnx.to_pure_dict(nnx.state(self.abstract))).items()}
+    ignored = [re.compile(r) for r in table.ignored(cfg)]
+    self._where: dict[str, tuple[str, str, Transform]] = {}
+    unexpected, wrong_shape = [], []
+    for file in files:
+      try:
+        with safe_open(file, framework="numpy") as f:
+          shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+      except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}). It is corrupt or truncated (an "
+                         f"interrupted copy or download?); replace it with an intact copy.") from e
+      for key, shape in shapes.items():
+        if any(r.fullmatch(key) for r in ignored):
+          continue
+        target, rule = next(((t, r) for r in table.rules if (t := r.hf_to_nnx(key)) is not None), (None, None))
+        if target is None or target not in leaves:
+          unexpected.append(f"{key} ({os.path.basename(file)})")
+          continue
+        got = _to_nnx(np.empty(shape, np.bool_), rule.transform).shape  # the layout change, on no data
+        if got != leaves[target].shape:
+          wrong_shape.append(f"{key} {list(got)} (after {rule.transform.value} transform) vs {target} "
+                             f"{list(leaves[target].shape)}")
+          continue
+        self._where[target] = (file, key, rule.transform)
+    missing = sorted(set(leaves) - set(self._where))  # a wrong-shaped target is missing too
+    if unexpected or missing or wrong_shape:
+      lines = [f"checkpoint {os.path.dirname(files[0])} does not match {arch.model_cls.__name__} built from its "
+               f"config.json ({len(unexpected)} unexpected, {len(missing)} missing, {len(wrong_shape)} wrong shape):"]
+      lines += [f"  unexpected key: {k}" for k in unexpected]
+      lines += [f"  missing (no checkpoint key maps to it): {m}" for m in missing]
+      lines += [f"  wrong shape: {w}" for w in wrong_shape]
+      lines.append("Check that config.json belongs to these weights (layer count, sizes, tie_word_embeddings).")
+      raise CheckpointMismatchError("\n".join(lines))
+
+  def load(self, path: str = "", *, skip: str | None = None) -> nnx.Module:
+    """The sub-module at dotted `path` ("" for the whole model) with its weights read, one tensor in memory at a
+    time besides the result; leaves under `skip` (e.g. "layers") stay abstract."""
+    module = self.abstract
+    for part in path.split(".") if path else ():
+      module = module[int(part)] if part.isdigit() else getattr(module, part)
+    graphdef, state = nnx.split(module)
+    pure = nnx.to_pure_dict(state)
+    prefix = f"{path}." if path else ""
+    for p, leaf in _flatten(pure).items():
+      target = prefix + _dotted(p)
+      if skip is not None and (target == skip or target.startswith(skip + ".")):
         continue
-      for rule in table.rules:
-        target = rule.hf_to_nnx(key)
-        if target is not None:
-          break
-      if target is None or target not in targets:
-        unexpected.append(f"{key} ({os.path.basename(file)})")
-        continue
-      p, leaf = targets[target]
-      value = _to_nnx(value, rule.transform)
-      if value.shape != leaf.shape:
-        wrong_shape.append(f"{key} {list(value.shape)} (after {rule.transform.value} transform) vs {target} "
-                           f"{list(leaf.shape)}")
-        continue
+      file, key, transform = self._where[target]
+      # The file is mapped anew for each tensor: a mapping's pages count in the process's resident memory until
+      # it is closed, so one mapping held over the whole file doubled a load's peak (3.1 GB for 0.87 GB of
+      # weights; 2.3 GB this way).
+      with safe_open(file, framework="numpy") as f:
+        value = _to_nnx(f.get_tensor(key), transform)
       _set(pure, p, jnp.asarray(value.astype(leaf.dtype, copy=False)))  # one host copy at a time, not two
       del value
-      filled.add(target)
-  missing = sorted(set(targets) - filled)
-  if unexpected or missing or wrong_shape:
-    lines = [f"checkpoint {os.path.dirname(files[0])} does not match {arch.model_cls.__name__} built from its "
-             f"config.json ({len(unexpected)} unexpected, {len(missing)} missing, {len(wrong_shape)} wrong shape):"]
-    lines += [f"  unexpected key: {k}" for k in unexpected]
-    lines += [f"  missing (no checkpoint key maps to it): {m}" for m in missing]
-    lines += [f"  wrong shape: {w}" for w in wrong_shape]
-    lines.append("Check that config.json belongs to these weights (layer count, sizes, tie_word_embeddings).")
-    raise CheckpointMismatchError("\n".join(lines))
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+    nnx.replace_by_pure_dict(state, pure)
+    runtime.release_free_memory()  # the host copies just freed (a tuned malloc would keep them resident)
+    return nnx.merge(graphdef, state)
 
 
 def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int | None = None,

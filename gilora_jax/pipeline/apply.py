@@ -122,7 +122,8 @@ class Resume(NamedTuple):
 class QuantizeOutput(NamedTuple):
   model: nnx.Module
   records: list[LayerRecord]
-  # Seconds per stage, each measured after its arrays are ready (so none is charged to the next): "embed", and
+  # Seconds per stage, each measured after its arrays are ready (so none is charged to the next): "read" (a
+  # block's weights read from the `stream`, or its copy when there is none), "embed", and
   # summed over blocks "calibration" (the block's forward over every batch and its Hessians; under protocol="fp"
   # that pass also yields the next block's inputs), "quantize" (every linear, with its diagnostics),
   # "propagate" (protocol="quantized": the quantized block's forward), "after_block" (the caller's callback: the
@@ -206,7 +207,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
                    resume: Resume | None = None,
                    after_block: Callable[[int, nnx.Module, list[LayerRecord]], None] | None = None,
                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None, check: bool = True,
-                   **kwargs: Any) -> QuantizeOutput:
+                   stream: Any = None, **kwargs: Any) -> QuantizeOutput:
   """Quantizes every chosen linear of `model`, block by block; returns a new model and the per-layer records.
 
   Args:
@@ -217,6 +218,10 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     after_block: called as `after_block(i, model, records)` after block i is quantized.
     progress: wraps the block iterator (e.g. `tqdm.tqdm`); the library itself prints nothing.
     check: validate `config` against every linear first (`check_config`); False when the caller just did.
+    stream: streaming: an object whose `load(path)` reads the weights of the sub-module at `path`
+      (`convert.LazyHF(folder)`); `model`'s blocks may then be abstract (`stream.load(skip="layers")`: only the
+      embeddings, norms and head hold weights). Each block is read when its turn comes, so one block's float
+      weights are resident at a time; the result is the same as from the loaded model.
 
   Returns:
     `QuantizeOutput(model, records, stages)`: the quantized model (a copy), one `LayerRecord` per quantized
@@ -233,7 +238,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   new = clone(model if resume is None else resume.model)
   records = [] if resume is None else list(resume.records)
   fp = config.protocol == "fp"
-  stages: dict[str, Any] = {k: 0.0 for k in ("embed", "resume", "calibration", "quantize", "propagate",
+  stages: dict[str, Any] = {k: 0.0 for k in ("read", "embed", "resume", "calibration", "quantize", "propagate",
                                              "after_block")}
   stages["blocks"] = []
   clock = time.perf_counter()
@@ -246,22 +251,29 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       block_stages[name] = round(now - clock, 3)
     clock = now
 
-  graphdef, state = nnx.split(model)
+  float_block = (lambda i: model.layers[i]) if stream is None else (lambda i: stream.load(f"layers.{i}"))  # noqa
+  shell = clone(model)
+  shell.layers = nnx.List([])  # the model without its blocks: what embedding needs (the blocks may be abstract)
+  lap("read")
+  graphdef, state = nnx.split(shell)
   xs = jax.block_until_ready([_embed(graphdef, state, np.asarray(b.inputs)) for b in calib])
+  del shell, graphdef, state
   lap("embed")
   d_in_of = lambda block: {site: get_path(block, paths[0]).kernel.shape[0]  # noqa: E731
                            for site, paths in sites.items()}
   for i in range(start):  # resume: rebuild block `start`'s inputs exactly as the uninterrupted run did
     if fp:  # the same program as the uninterrupted run's pass (its Hessians are dropped)
-      _calibrate(model.layers[i], xs, calib, d_in_of(model.layers[i]), forward=True)
+      fb = float_block(i)
+      _calibrate(fb, xs, calib, d_in_of(fb), forward=True)
     else:
       xs = jax.block_until_ready(_forward(new.layers[i], xs))
   lap("resume")
 
   blocks = range(start, num_blocks)
   for i in (progress(blocks) if progress else blocks):
-    block = new.layers[i]  # still all-float: surgery happens after the Hessians are collected
     timing: dict[str, Any] = {"block": i}
+    block = clone(float_block(i))  # still all-float: surgery happens after the Hessians are collected
+    lap("read", timing)
     stats = _calibrate(block, xs, calib, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
     lap("calibration", timing)
     for site, paths in sites.items():
@@ -287,6 +299,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
         _log_record(rec)
       del prepared
     del stats
+    new.layers[i] = block
     lap("quantize", timing)
     if not fp and i + 1 < num_blocks:  # the last block's outputs feed nothing
       xs = jax.block_until_ready(_forward(block, xs))

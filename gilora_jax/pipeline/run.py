@@ -173,12 +173,14 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     fix = f"delete {partial} to start over."
     done = _check_partial(partial, run, quant, fix)
     t = time.perf_counter()
-    float_model = load_model(folder)
-    runtime.release_free_memory()  # the load's host copies, freed but kept by the tuned malloc
+    # Streaming: the embeddings, norms and head now, each block's float weights when its turn comes (one block
+    # resident at a time; every tensor's shape was checked against the config from the safetensors headers).
+    lazy = convert.LazyHF(folder)
+    skeleton = lazy.load(skip="layers")
     stages["load"] = round(time.perf_counter() - t, 3)
     resume = None
     if done:
-      restored, recs = partial_lib.restore_blocks(partial, nn.clone(float_model), done, verify=verify, fix=fix)
+      restored, recs = partial_lib.restore_blocks(partial, nn.clone(skeleton), done, verify=verify, fix=fix)
       resume = apply.Resume(restored, [apply.LayerRecord(**r) for r in recs], done)
       log.info("resuming %s from block %d of %d", partial, done, quant["num_blocks"])
     elif done is None:
@@ -190,8 +192,9 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     stages["restore"] = round(time.perf_counter() - t - stages["load"], 3)
     t0 = time.perf_counter()
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
-    result = apply.quantize_model(float_model, cal.batches, config, resume=resume, after_block=after_block,
-                                  progress=wrap, check=False)  # checked above, against the same shapes
+    result = apply.quantize_model(skeleton, cal.batches, config, resume=resume, after_block=after_block,
+                                  progress=wrap, check=False, stream=lazy)  # checked above, on the same shapes
+    del skeleton
     stages.update(result.stages, quantize_model=round(time.perf_counter() - t0, 3))
     stages["checkpoint"] = stages.pop("after_block")  # our after_block writes the block's shard
     t = time.perf_counter()
