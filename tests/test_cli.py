@@ -6,12 +6,13 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
-from gilora_jax import cli, load_model
+from gilora_jax import cli, load_model, nn
 from gilora_jax.models import deit, qwen3
 from gilora_jax.nn import QuantizedLinear
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, partial, run
@@ -225,6 +226,32 @@ def test_vit_quantize_eval(vit_folder, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_bf16_checkpoint_streams_in_bf16_with_the_float32_result(tmp_path, capsys):
+  """The run keeps a bf16 checkpoint's weights in bf16 (half the memory) and computes in float32: the result is
+  the library's on the model loaded so (bit for bit), and that of the model loaded in float32 up to the float32
+  round-off of fusing the upcast into other kernels; the parts outside the blocks keep the checkpoint's dtype."""
+  folder = str(tmp_path / "bf16")
+  make_lm(folder, seed=4, param_dtype="bfloat16")
+  out = str(tmp_path / "q")
+  rc, _, err = _run(capsys, "quantize", "--model", folder, *LM_ARGS, "--out", out)
+  assert rc == 0, err
+  calib = data.lm_calibration(data.load_tokenizer(folder), data.load_text(os.path.join(folder, "calib.txt")), 4, 32,
+                              2, 0)
+  same = apply.quantize_model(load_model(folder, param_dtype="bfloat16"), calib, method="gptq+olrc", bits=3,
+                              rank=4).model
+  f32 = apply.quantize_model(load_model(folder), calib, method="gptq+olrc", bits=3, rank=4).model
+  got = load_model(out)
+  assert got.embed_tokens.embedding[...].dtype == jnp.bfloat16 and got.layers[0].input_layernorm.scale[...].dtype \
+      == jnp.bfloat16
+  _assert_same_state(got, same)
+  for i in range(2):
+    for rel in ("self_attn.q_proj", "mlp.down_proj"):
+      a, b = nn.get_path(got.layers[i], rel), nn.get_path(f32.layers[i], rel)
+      assert np.mean(np.asarray(a.codes[...]) == np.asarray(b.codes[...])) > 0.97
+      np.testing.assert_allclose(np.asarray(a.dequantized()), np.asarray(b.dequantized()), atol=0.02)
+
+
 def test_resume_refuses_other_options(lm_folder, tmp_path, capsys):
   out = str(tmp_path / "q")
   partial.start(out + run.PARTIAL_SUFFIX, {"source": lm_folder}, {"config": {}, "num_blocks": 2})

@@ -230,6 +230,21 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
   return LazyHF.from_files(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder)).load()
 
 
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def stored_dtype(files: list[str]) -> str:
+  """The floating dtype that holds most of a checkpoint's parameters (from the first file's header)."""
+  counts: dict[str, int] = {}
+  with safe_open(files[0], framework="numpy") as f:
+    for key in f.keys():
+      sl = f.get_slice(key)
+      name = _SAFETENSORS_FLOATS.get(sl.get_dtype())
+      if name is not None:
+        counts[name] = counts.get(name, 0) + int(np.prod(sl.get_shape()))
+  return max(counts, key=counts.get) if counts else "float32"
+
+
 def load_state(arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> nnx.Module:
   """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files` through `table`."""
   return LazyHF.from_files(arch, table, cfg, files).load()
@@ -245,11 +260,16 @@ class LazyHF:
   """
 
   def __init__(self, path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None):
+    """`param_dtype="stored"` keeps the weights in the checkpoint's floating dtype (bf16 stays bf16 on the host:
+    half the memory; `dtype` is still what the forward computes in, and bf16 → float32 is exact)."""
     folder = local_folder(path)
     config, where = hf_config.read_config(folder)
     name = architecture_of(config, where)
+    files = _safetensors_files(folder)
+    if param_dtype == "stored":
+      param_dtype = stored_dtype(files)
     cfg = ARCHITECTURES[name].config_cls.from_hf_config(config, dtype=dtype, param_dtype=param_dtype)
-    self._setup(ARCHITECTURES[name], KEY_TABLES[name], cfg, _safetensors_files(folder))
+    self._setup(ARCHITECTURES[name], KEY_TABLES[name], cfg, files)
 
   @classmethod
   def from_files(cls, arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> LazyHF:

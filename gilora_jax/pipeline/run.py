@@ -175,7 +175,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     t = time.perf_counter()
     # Streaming: the embeddings, norms and head now, each block's float weights when its turn comes (one block
     # resident at a time; every tensor's shape was checked against the config from the safetensors headers).
-    lazy = convert.LazyHF(folder)
+    lazy = convert.LazyHF(folder, param_dtype="stored")  # bf16 weights stay bf16 (computed in float32)
     skeleton = lazy.load(skip="layers")
     stages["load"] = round(time.perf_counter() - t, 3)
     resume = None

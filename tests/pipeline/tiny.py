@@ -64,8 +64,8 @@ LM_CONFIG = dict(vocab_size=len(CHARS) + 1, hidden_size=64, intermediate_size=64
                  max_position_embeddings=256, eos_token_id=(len(CHARS),))
 
 
-def make_lm(folder, num_layers=2, seed=0):
-  cfg = qwen3.ModelConfig(**{**LM_CONFIG, "num_hidden_layers": num_layers})
+def make_lm(folder, num_layers=2, seed=0, param_dtype="float32"):
+  cfg = qwen3.ModelConfig(**{**LM_CONFIG, "num_hidden_layers": num_layers, "param_dtype": param_dtype})
   model = random_model(qwen3.Qwen3, cfg, seed=seed)
   convert.save_hf(model, folder)
   save_char_tokenizer(folder)
