@@ -12,7 +12,7 @@ block over 128 × 2048 tokens takes over ten minutes, so the calibration here is
   python benchmarks/stream_memory.py --blocks 2 4 8
 
 One JSON line on stdout (appended to --out): per block count the peak RSS, the growth per block, the parts of
-the peak (weights outside the blocks in float32, one float32 block, its quantized copy) and the projections.
+the peak (weights outside the blocks, one block in bf16 and float32, its quantized copy, the activations).
 """
 import argparse
 import dataclasses
@@ -102,14 +102,15 @@ def main(argv=None):
   hd, nh, kh = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
   block_params = d * (nh * hd + 2 * kh * hd) + nh * hd * d + 3 * d * f
   outside_params = 2 * v * d  # embedding and untied head (norms are negligible)
-  parts = {"outside_blocks_f32_gb": outside_params * 4 / 2**30, "one_block_f32_gb": block_params * 4 / 2**30,
+  parts = {"outside_blocks_bf16_gb": outside_params * 2 / 2**30, "one_block_bf16_gb": block_params * 2 / 2**30,
+           "one_block_f32_gb": block_params * 4 / 2**30,
            "one_block_4bit_gb": block_params * (0.5 + 2 * 4 / 128) / 2**30,
            "activations_here_gb": a.nsamples * a.seqlen * d * 4 * 2 / 2**30,
            "activations_128x2048_gb": 128 * 2048 * d * 4 * 2 / 2**30}
   growth = ((rows[-1]["peak_rss_gb"] - rows[0]["peak_rss_gb"]) / (rows[-1]["blocks"] - rows[0]["blocks"])
             if len(rows) > 1 else None)
   rec = {"bench": "stream_memory", "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "shape": "Qwen3-8B (bf16 on disk, float32 in memory)", "nsamples": a.nsamples, "seqlen": a.seqlen,
+         "shape": "Qwen3-8B (bf16 on disk and in memory, computed in float32)", "nsamples": a.nsamples, "seqlen": a.seqlen,
          "runs": rows, "peak_growth_per_block_gb": growth, "parts_gb": {k: round(x, 3) for k, x in parts.items()},
          "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0]}
   line = json.dumps(rec)
