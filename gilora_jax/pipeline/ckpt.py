@@ -15,6 +15,14 @@ wrong numbers; then it builds the model abstractly (`nnx.eval_shape`) and lets o
 bit for bit in their saved dtypes. `overwrite=True` replaces only a finished checkpoint that holds nothing but
 the files it wrote (`check_replaceable`).
 
+A whole-model run's output (`save_assembled`, format 3) keeps each block in a folder of its own:
+
+  path/
+    gilora_ckpt.json   as above, with "blocks": the count; its manifest lists every file below
+    state/             the parts outside the blocks (embeddings, norms, head)
+    block_00000/state/ block 0: the run's finished shard, hard-linked in, never serialised a second time
+    ...
+
 `meta` (any JSON-serialisable dict) and `build_abstract(config, meta) -> model` let callers store and restore
 models whose structure differs from the float architecture (e.g. quantized layers swapped in).
 
@@ -49,6 +57,9 @@ STATE_DIR = "state"
 # The format names predate the move of this module into pipeline/: they name the format, not the module, and
 # must never change (checkpoints on disk carry them).
 FORMAT = "gilora_jax.ckpt/2"
+# A whole-model run's output: `state/` holds the parts outside the blocks, `block_00000/` ... each block (the
+# finished run's shards, linked in, not written again).
+BLOCKS_FORMAT = "gilora_jax.ckpt/3"
 LEGACY_FORMATS = ("gilora_jax.ckpt/1",)  # no file manifest: restored without verification (with a warning)
 FIX = "re-run the command that wrote it, or restore the folder from a backup."
 
@@ -120,7 +131,8 @@ def save_model(path: str | os.PathLike, model: nnx.Module, meta: dict[str, Any] 
   return write_folder(final, nnx.to_pure_dict(nnx.state(model)), info, files)
 
 
-def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, str | bytes] | None = None) -> str:
+def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, str | bytes] | None = None,
+                 before_manifest: Callable[[str], None] | None = None) -> str:
   """Atomically writes the folder `final`: `tree` (a pure dict of arrays) by orbax into `state/`, the extra
   `files`, then `INFO_FILE` holding `info` with the manifest of every other file and a checksum of itself, in a
   hidden temporary sibling renamed into place at the end. An existing `final` is replaced only after the new
@@ -139,6 +151,8 @@ def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, s
         files_lib.write_bytes(dst, src)
       else:
         shutil.copyfile(src, dst)
+    if before_manifest is not None:  # more content, put in by the caller (save_assembled's blocks)
+      before_manifest(tmp)
     info = {**info, "files": files_lib.manifest(tmp)}
     info["checksum"] = checksum(info)
     with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:  # last: its presence marks "finished"
@@ -161,8 +175,8 @@ def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, s
 
 
 def read_checked(info_path: str, fields: set[str], formats: tuple[str, ...], fix: str) -> dict[str, Any]:
-  """A folder's metadata JSON, checked: valid JSON with `fields`, a format among `formats`, and (for the first,
-  current format) its own checksum. One-line errors naming the file and `fix`."""
+  """A folder's metadata JSON, checked: valid JSON with `fields`, a format among `formats`, and (all but the
+  legacy format) its own checksum. One-line errors naming the file and `fix`."""
   try:
     with open(info_path, encoding="utf-8") as f:
       info = json.load(f)
@@ -175,7 +189,7 @@ def read_checked(info_path: str, fields: set[str], formats: tuple[str, ...], fix
   if info.get("format") not in formats:
     raise ValueError(f"{info_path}: format {info.get('format')!r} is not one this gilora_jax reads "
                      f"({', '.join(formats)}); read it with the gilora_jax that wrote it, or quantize the model again.")
-  if info["format"] == formats[0] and info.get("checksum") != checksum(info):
+  if info["format"] not in LEGACY_FORMATS and info.get("checksum") != checksum(info):
     raise files_lib.CorruptCheckpointError(f"{info_path} was altered after it was written (its checksum does not "
                                            f"match); {fix}")
   return info
@@ -195,7 +209,8 @@ def read_info(path: str | os.PathLike, fix: str = FIX) -> dict[str, Any]:
                               f"metadata (deleted, or the save never finished); {fix}")
     raise FileNotFoundError(f"{folder} is not a finished gilora_jax checkpoint (no {INFO_FILE}); a save that was "
                             f"interrupted leaves only a hidden .tmp- folder. Save the model again.")
-  info = read_checked(info_path, {"format", "architecture", "config", "meta"}, (FORMAT, *LEGACY_FORMATS), fix)
+  info = read_checked(info_path, {"format", "architecture", "config", "meta"},
+                      (FORMAT, BLOCKS_FORMAT, *LEGACY_FORMATS), fix)
   if info["architecture"] not in ARCHITECTURES:
     raise ValueError(f"{info_path}: unknown architecture {info['architecture']!r}; known: {sorted(ARCHITECTURES)}.")
   return info
@@ -242,10 +257,56 @@ def restore_model(path: str | os.PathLike,
   else:
     build = build_abstract
   abstract = nnx.eval_shape(lambda: build(cfg, info["meta"]))
+  if info["format"] != BLOCKS_FORMAT:
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, read_tree(folder, abstract_target(state), fix))
+    return nnx.merge(graphdef, state)
+  blocks = []
+  for i, block in enumerate(abstract.layers):
+    graphdef, state = nnx.split(block)
+    nnx.replace_by_pure_dict(state, read_tree(os.path.join(folder, block_name(i)), abstract_target(state), fix))
+    blocks.append(nnx.merge(graphdef, state))
+  abstract.layers = nnx.List([])
   graphdef, state = nnx.split(abstract)
-  target = abstract_target(state)
-  nnx.replace_by_pure_dict(state, read_tree(folder, target, fix))
-  return nnx.merge(graphdef, state)
+  nnx.replace_by_pure_dict(state, read_tree(folder, abstract_target(state), fix))
+  model = nnx.merge(graphdef, state)
+  model.layers = nnx.List(blocks)
+  return model
+
+
+def block_name(i: int) -> str:
+  return f"block_{i:05d}"
+
+
+def save_assembled(path: str | os.PathLike, model: nnx.Module, block_dirs: list[str], meta: dict[str, Any], *,
+                   overwrite: bool = False, files: dict[str, str | bytes] | None = None) -> str:
+  """Atomically writes `model` as a checkpoint whose blocks are the finished shards `block_dirs` (folders
+  written by `write_folder`, block i's state in `block_dirs[i]/state`), hard-linked in (copied across file
+  systems), so no block is serialised again; only the parts outside `model.layers` are written. The shards are
+  left where they are (the caller removes them once this returns). Restores like any checkpoint."""
+  final = os.path.abspath(os.fspath(path))
+  if os.path.exists(final) and not _is_empty_dir(final):
+    if not overwrite:
+      raise FileExistsError(f"{final} exists; pass overwrite=True to replace it.")
+    check_replaceable(final)
+  shell = nn.clone(model)
+  shell.layers = nnx.List([])
+  cfg = model.config
+  info = {"format": BLOCKS_FORMAT, "architecture": cfg.architecture, "config": dataclasses.asdict(cfg),
+          "meta": meta, "blocks": len(block_dirs)}
+
+  def link_blocks(tmp: str) -> None:
+    for i, src in enumerate(block_dirs):
+      dst = os.path.join(tmp, block_name(i))
+      shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(INFO_FILE))
+  return write_folder(final, nnx.to_pure_dict(nnx.state(shell)), info, files, before_manifest=link_blocks)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
 
 
 def read_tree(folder: str, target: Any, fix: str = FIX) -> Any:

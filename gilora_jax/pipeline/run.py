@@ -203,8 +203,11 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     side[RECORDS_FILE] = "".join(json.dumps(r) + "\n" for r in records).encode()
     side[PLOT_FILE] = plot.error_plot(records, title=f"{os.path.basename(folder)}: {config.layer.method}, "
                                       f"{config.layer.grid.bits}-bit, rank {config.layer.rank}")
-    ckpt.save_quantized(out, result.model, {**quant, "blocks_done": quant["num_blocks"]}, records,
-                        overwrite=overwrite, files=side, extra_meta={"run": run, "source": folder})
+    meta = {"run": run, "source": folder, "records": records,
+            "quant": {**quant, "blocks_done": quant["num_blocks"], "sites": nn.quantized_specs(result.model)}}
+    # the blocks are the shards just written, linked in: only the embeddings, norms and head are written again
+    ckpt.save_assembled(out, result.model, [partial_lib.block_dir(partial, i) for i in range(quant["num_blocks"])],
+                        meta, overwrite=overwrite, files=side)
     partial_lib.remove(partial)  # the finished run supersedes it (only what we wrote there is removed)
     for path in (out, partial):
       _clean_temporaries(path)

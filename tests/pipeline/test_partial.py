@@ -10,7 +10,7 @@ from flax import nnx
 
 from gilora_jax import load_model
 from gilora_jax.nn import QuantizedLinear, clone
-from gilora_jax.pipeline import apply, data, files, run
+from gilora_jax.pipeline import apply, ckpt, data, files, run
 from gilora_jax.pipeline import partial as partial_lib
 
 FIX = "delete it to start over."
@@ -99,3 +99,12 @@ def test_a_resumed_run_writes_only_the_blocks_it_computes(tmp_path, monkeypatch)
                               2, 0)
   ref = apply.quantize_model(load_model(folder), calib, kw["config"])
   jax.tree.map(np.testing.assert_array_equal, _state(load_model(str(tmp_path / "q"))), _state(ref.model))
+  # The output's blocks are those shards (linked in, not serialised again), verified like every file.
+  out = tmp_path / "q"
+  assert ckpt.read_info(out)["format"] == ckpt.BLOCKS_FORMAT and sorted(p.name for p in out.glob("block_*")) == [
+      "block_00000", "block_00001", "block_00002"]
+  victim = max((p for p in (out / "block_00001").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(victim, "r+b") as f:
+    f.write(b"\xff\xfe")
+  with pytest.raises(files.CorruptCheckpointError, match=f"{victim} does not match the SHA-256"):
+    load_model(str(out))
