@@ -16,7 +16,7 @@ import enum
 import json
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy so safetensors can return bf16 arrays)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from gilora_jax import nn, runtime
+from gilora_jax import nn
 from gilora_jax.config import OptionError, QuantConfig
 from gilora_jax.models import convert, hf_config, qwen3
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
