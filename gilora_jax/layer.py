@@ -81,6 +81,7 @@ def _stage_errors(W, Wz, H, Hf, Q, lr, damp):
 
 
 _final_error = jax.jit(lambda W, H, Q, lr: (_error(W, Q, lr, H), lowrank.objective(W, H)))
+_final_numerator = jax.jit(lambda W, H, Q, lr: _error(W, Q, lr, H))  # "full": tr(WᵀHW) is the stage errors' own
 
 
 @jax.jit
@@ -235,7 +236,9 @@ def quantize_layer(
     codes, Q, lr, free = res.codes, res.Q, res.lr, res.objective[-1]
     if level != "off":
       objective += [_nonneg("damped objective", float(v)) for v in res.objective]
-  if level == "full" or (level == "errors" and free is None):
+  if level == "full":
+    errs["rel_err"] = _relative("error", _final_numerator(W, site.H, Q, lr), tr)
+  elif level == "errors" and free is None:
     num, tr = _final_error(W, site.H, Q, lr)
     errs["rel_err"] = _relative("error", num, tr)
   elif level == "errors":

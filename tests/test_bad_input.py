@@ -430,6 +430,13 @@ def test_fewer_images_than_nsamples_is_said_and_recorded(work):
   assert ckpt.read_meta(out)["run"]["calib"]["nsamples"] == 10
 
 
+def test_calibration_windows_past_the_trained_positions_are_warned_about(work, capsys):
+  fast = [a if a != "32" else "300" for a in FAST]  # --seqlen 300 > max_position_embeddings=256
+  rc, _, err = gilora_here(capsys, "quantize", "--model", work["lm"], *fast, "--out", work["root"] / "long")
+  assert rc == 0, err
+  assert "--seqlen 300 exceeds the model's max_position_embeddings=256" in err
+
+
 def test_long_prompts_are_warned_about(work):
   rc, lines, err = gilora("generate", "--model", work["lm"], "--prompt", "the king " * 40, "--max-new-tokens", "4")
   assert rc == 0, err

@@ -245,11 +245,6 @@ def stored_dtype(files: list[str]) -> str:
   return max(counts, key=counts.get) if counts else "float32"
 
 
-def load_state(arch: ModelSpec, table: KeyTable, cfg, files: list[str]) -> nnx.Module:
-  """Builds `arch.model_cls(cfg)` abstractly and fills it from the safetensors `files` through `table`."""
-  return LazyHF.from_files(arch, table, cfg, files).load()
-
-
 class LazyHF:
   """A HF checkpoint read lazily: the abstract model from config.json, every tensor located (file, key, layout)
   and shape-checked from the safetensors headers up front, and any sub-module's weights read on demand

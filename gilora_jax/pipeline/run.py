@@ -116,11 +116,11 @@ class _Calibration:
   """The calibration set of a run, read and checked before the weights are loaded."""
 
   def __init__(self, folder: str, lm: bool, path: str | None, nsamples: int, seqlen: int, batch_size: int,
-               seed: int):
+               seed: int, position_limit: int | None = None):
     self.path = os.path.abspath(path or data.default_calib(folder, lm))
     if lm:
-      limit = convert.abstract_hf(folder).config.max_position_embeddings
-      if seqlen > limit:
+      limit = position_limit
+      if limit is not None and seqlen > limit:
         log.warning("--seqlen %d exceeds the model's max_position_embeddings=%d: positions beyond it were never "
                     "trained, so the calibration activations are not the model's.", seqlen, limit)
       tokenizer = data.load_tokenizer(folder)
@@ -166,7 +166,8 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
     lm = is_lm(abstract)
     t = time.perf_counter()
-    cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed)
+    cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed,
+                       getattr(abstract.config, "max_position_embeddings", None))
     stages = {"checks": round(t - t_start, 3), "calibration_data": round(time.perf_counter() - t, 3)}
     run = json.loads(json.dumps({"source": folder, "calib": cal.record}))  # as a checkpoint stores it
     quant = {"config": json.loads(json.dumps(config.to_json())), "num_blocks": len(abstract.layers)}
