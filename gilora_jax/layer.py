@@ -166,7 +166,9 @@ def quantize_layer(
   """Quantizes one linear layer to ``W ≈ Q + L R``, minimising ``‖X W − X (Q + L R)‖²_F``.
 
   Args:
-    W: (d_in, d_out) weight (the Flax kernel; torch's ``weight.T``), NumPy or JAX.
+    W: (d_in, d_out) weight (the Flax kernel; torch's ``weight.T``), NumPy or JAX. A ``jax.Array`` sharded by
+      columns over several devices (``sharding.place(W, sharding.columns(mesh, W.shape))``) runs the whole call
+      on the shards: codes, Q and R come back sharded alike, L replicated (``gilora_jax.sharding``).
     H: (d_in, d_in) calibration Hessian ``XᵀX`` of the layer's inputs (``gilora_jax.quant.hessian``), or a
       ``hessian.prepare``-d site shared by the linears that read the same inputs.
     method: one of ``METHODS`` (``gilora_jax.methods``).

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from gilora_jax import config as config_lib
+from gilora_jax import sharding as sharding_lib
 from gilora_jax.config import PROTOCOLS, LayerConfig, QuantConfig, Rule
 from gilora_jax.layer import quantize_layer
 from gilora_jax.models import quant_sites
@@ -157,14 +158,13 @@ def _block_stats_forward(graphdef, state, x, mask, stats):
   return y, calib_lib.accumulate(stats, taps, mask)
 
 
-def _calibrate(block: nnx.Module, xs: list[jax.Array], calib: Sequence[calib_lib.CalibBatch], d_in: dict[str, int],
+def _calibrate(block: nnx.Module, xs: list[jax.Array], masks: Sequence[Any], d_in: dict[str, int],
                forward: bool) -> dict[str, hessian.HessianStats]:
   """The block's Hessians over every batch; with `forward`, each batch's activations replaced by the block's
   output in the same pass (in place: at most one block's worth plus one batch is alive)."""
   stats = calib_lib.init_stats(d_in)
   graphdef, state = nnx.split(block)
-  for k, (x, b) in enumerate(zip(xs, calib)):
-    mask = None if b.mask is None else np.asarray(b.mask, bool)
+  for k, (x, mask) in enumerate(zip(xs, masks)):
     if forward:
       xs[k], stats = _block_stats_forward(graphdef, state, x, mask, stats)
     else:
@@ -181,8 +181,11 @@ def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
   return xs
 
 
-def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig):
-  W = np.asarray(linear.kernel[...], np.float32)
+def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig, mesh=None):
+  if mesh is None:
+    W = np.asarray(linear.kernel[...], np.float32)
+  else:  # the layer math runs on the column shards (`gilora_jax.sharding`)
+    W = sharding_lib.place(linear.kernel[...], sharding_lib.columns(mesh, linear.kernel.shape))
   # "auto" here includes the final error: its one d_in² d_out product is a few per cent of the block's Hessians
   res = quantize_layer(W, site, config=cfg.replace(diagnostics="errors") if cfg.diagnostics == "auto" else cfg)
   bias = None if linear.bias is None else linear.bias[...]
@@ -207,7 +210,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
                    resume: Resume | None = None,
                    after_block: Callable[[int, nnx.Module, list[LayerRecord]], None] | None = None,
                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None, check: bool = True,
-                   stream: Any = None, **kwargs: Any) -> QuantizeOutput:
+                   stream: Any = None, mesh: jax.sharding.Mesh | None = None, **kwargs: Any) -> QuantizeOutput:
   """Quantizes every chosen linear of `model`, block by block; returns a new model and the per-layer records.
 
   Args:
@@ -222,6 +225,10 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       (`convert.LazyHF(folder)`); `model`'s blocks may then be abstract (`stream.load(skip="layers")`: only the
       embeddings, norms and head hold weights). Each block is read when its turn comes, so one block's float
       weights are resident at a time; the result is the same as from the loaded model.
+    mesh: run on the devices of a `jax.sharding.Mesh` with axes ("data", "model") (`sharding.make_mesh`):
+      activations data-parallel, weights split over "model", each layer's math split over its output columns
+      (`gilora_jax.sharding` says where everything lives). Every batch's rows must divide over "data". The
+      result equals the single-device one up to the order of the cross-device sums (the Hessians' all-reduce).
 
   Returns:
     `QuantizeOutput(model, records, stages)`: the quantized model (a copy), one `LayerRecord` per quantized
@@ -231,6 +238,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   if check:
     check_config(model, config)
   calib_lib.check_batches(calib)
+  if mesh is not None:
+    sharding_lib.check_batches(mesh, calib)
   sites = quant_sites(model)
   num_blocks = len(model.layers)
 
@@ -251,30 +260,38 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       block_stages[name] = round(now - clock, 3)
     clock = now
 
-  float_block = (lambda i: model.layers[i]) if stream is None else (lambda i: stream.load(f"layers.{i}"))  # noqa
+  float_block = (lambda i: model.layers[i]) if stream is None else (  # noqa: E731
+      lambda i: stream.load(f"layers.{i}", **({} if mesh is None else {"sharding": functools.partial(
+          sharding_lib.param, mesh)})))  # on a mesh each process reads only the slices its devices hold
+  if mesh is None:
+    on_mesh = put_batch = lambda a: a  # noqa: E731
+  else:
+    on_mesh = lambda m: sharding_lib.place_module(m, mesh)  # noqa: E731
+    put_batch = lambda a: sharding_lib.place(a, sharding_lib.batch(mesh, np.shape(a)))  # noqa: E731
+  masks = [None if b.mask is None else put_batch(np.asarray(b.mask, bool)) for b in calib]
   shell = clone(model)
   shell.layers = nnx.List([])  # the model without its blocks: what embedding needs (the blocks may be abstract)
   lap("read")
-  graphdef, state = nnx.split(shell)
-  xs = jax.block_until_ready([_embed(graphdef, state, np.asarray(b.inputs)) for b in calib])
+  graphdef, state = nnx.split(on_mesh(shell))
+  xs = jax.block_until_ready([_embed(graphdef, state, put_batch(np.asarray(b.inputs))) for b in calib])
   del shell, graphdef, state
   lap("embed")
   d_in_of = lambda block: {site: get_path(block, paths[0]).kernel.shape[0]  # noqa: E731
                            for site, paths in sites.items()}
   for i in range(start):  # resume: rebuild block `start`'s inputs exactly as the uninterrupted run did
     if fp:  # the same program as the uninterrupted run's pass (its Hessians are dropped)
-      fb = float_block(i)
-      _calibrate(fb, xs, calib, d_in_of(fb), forward=True)
+      fb = on_mesh(clone(float_block(i)))
+      _calibrate(fb, xs, masks, d_in_of(fb), forward=True)
     else:
-      xs = jax.block_until_ready(_forward(new.layers[i], xs))
+      xs = jax.block_until_ready(_forward(on_mesh(clone(new.layers[i])), xs))
   lap("resume")
 
   blocks = range(start, num_blocks)
   for i in (progress(blocks) if progress else blocks):
     timing: dict[str, Any] = {"block": i}
-    block = clone(float_block(i))  # still all-float: surgery happens after the Hessians are collected
+    block = on_mesh(clone(float_block(i)))  # still all-float: surgery happens after the Hessians are collected
     lap("read", timing)
-    stats = _calibrate(block, xs, calib, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
+    stats = _calibrate(block, xs, masks, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
     lap("calibration", timing)
     for site, paths in sites.items():
       chosen = [(rel, config.for_module(f"layers.{i}.{rel}")) for rel in paths]
@@ -285,9 +302,10 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
         raise ValueError(f"block {i}, {site} ({', '.join(paths)}): no calibration tokens reached this layer (every "
                          f"token masked out, or empty windows); check the calibration seqlen/nsamples and masks.")
       # the site's projections share H: checked, factored and decomposed once for all of them
-      prepared = hessian.prepare(stats[site].xtx, chosen[0][1].damp, method=chosen[0][1].gptq.factor)
+      xtx = stats[site].xtx if mesh is None else sharding_lib.place(stats[site].xtx, sharding_lib.replicated(mesh))
+      prepared = hessian.prepare(xtx, chosen[0][1].damp, method=chosen[0][1].gptq.factor)
       for rel, cfg in chosen:
-        qlin, rep = _quantize_linear(get_path(block, rel), prepared, cfg)
+        qlin, rep = _quantize_linear(get_path(block, rel), prepared, cfg, mesh)
         set_path(block, rel, qlin)
         rec = LayerRecord(
             block=i, site=site, path=f"layers.{i}.{rel}", d_in=qlin.in_features, d_out=qlin.out_features,
@@ -302,7 +320,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     new.layers[i] = block
     lap("quantize", timing)
     if not fp and i + 1 < num_blocks:  # the last block's outputs feed nothing
-      xs = jax.block_until_ready(_forward(block, xs))
+      xs = jax.block_until_ready(_forward(on_mesh(clone(block)) if mesh is not None else block, xs))
     lap("propagate", timing)
     if after_block is not None:
       after_block(i, new, records)

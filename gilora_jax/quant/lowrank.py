@@ -15,6 +15,13 @@ Two equivalent ways to get it, chosen by the smaller side:
 * input side (d_in < d_out): with the top-r left singular vectors U_r of ``Z = Tᵀ E``,
   ``L = T⁻ᵀ U_r`` (a triangular solve) and ``R = U_rᵀ Z``.
 
+On column shards (E's output columns split over devices, ``gilora_jax.sharding``) both sides run as written,
+partitioned by XLA: on the input side ``Z = Tᵀ E`` stays column-local, the Gram ``Z Zᵀ`` is one all-reduce of
+the shards' d_in × d_in partial products, its eigh is computed replicated, and ``R = U_rᵀ Z`` is column-local
+again; on the output side the d_out × d_out Gram ``Eᵀ H_λ E`` pairs every two column shards, so the residual is
+all-gathered once, the eigh is replicated and ``L = E V_r`` is reduced across shards. Either way the codes are
+untouched and the result equals the single-device one to float32 round-off.
+
 LoRC (ZeroQuant-V2) is the unweighted baseline: the truncated SVD of E itself.
 
 Lingo:
