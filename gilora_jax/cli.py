@@ -97,7 +97,20 @@ def parse_rules(specs: list[str]) -> tuple[config_lib.Rule, ...]:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-_MODEL_ONLY = ("out", "overwrite", "calib", "batch_size", "verify")  # flags of a --model run; the comparison has none
+# flags of a --model run; the comparison has none
+_MODEL_ONLY = ("out", "overwrite", "calib", "batch_size", "verify", "mesh", "coordinator", "num_processes",
+               "process_id")
+
+
+def _mesh(a: argparse.Namespace):
+  """Joins a multi-host run when asked (before any JAX computation), then the run's mesh: None on one device with
+  the automatic mesh (the plain single-device program)."""
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
+  runtime.init_distributed(a.coordinator, a.num_processes, a.process_id, heartbeat_timeout_s=a.heartbeat_timeout)
+  import jax  # pylint: disable=import-outside-toplevel
+  if a.mesh in (None, "auto") and jax.device_count() == 1:
+    return None
+  return sharding.make_mesh(a.mesh)
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
@@ -125,13 +138,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
       print(json.dumps(row))
     return 0
   cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=parse_rules(a.rule))
+  mesh = _mesh(a)
 
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=import-outside-toplevel
   with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar, not through it
     summary = run.quantize_folder(a.model, a.out, config=cfg, calib=a.calib,
                                   nsamples=128 if a.nsamples is None else a.nsamples, seqlen=a.seqlen,
                                   batch_size=8 if a.batch_size is None else a.batch_size, seed=cfg.layer.seed,
-                                  overwrite=a.overwrite, verify=a.verify is not False, progress=run.progress_bar)
+                                  overwrite=a.overwrite, verify=a.verify is not False, progress=run.progress_bar,
+                                  mesh=mesh)
   print(json.dumps(summary))
   return 0
 
@@ -233,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                  "window in tokens (default %(default)s)")
   p.add_argument("--lm-only", action="store_true", help="built-in comparison: only the LM")
   p.add_argument("--vision-only", action="store_true", help="built-in comparison: only the DeiT")
+  g = p.add_argument_group("devices and hosts (gilora_jax.sharding; README: several devices, TPU pods)")
+  g.add_argument("--mesh", help="device mesh 'data=N,model=M' (batch over data, weights over model, each layer's "
+                 "columns over all); default auto: every device on data")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host run: process 0's address (with "
+                 "--num-processes and --process-id; on TPU pods and SLURM leave all three out)")
+  g.add_argument("--num-processes", type=int, help="multi-host run: how many processes take part")
+  g.add_argument("--process-id", type=int, help="multi-host run: this process's index, 0 .. N-1 (0 writes)")
+  g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS", help="multi-host run: a process "
+                 "silent this long stops the others with an error (default %(default)s)")
   _add_layer_flags(p, {k: BUILTIN[k] for k in ("bits", "rank")})
   p.set_defaults(func=cmd_quantize)
   parser.commands["quantize"] = p
@@ -294,6 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(e.render(cli=True))
   except (OSError, ValueError) as e:  # user errors (missing folder, unsupported model, short text): no traceback
     return _fail(str(e))
+  except RuntimeError as e:  # a collective of a multi-host run failed: a peer died (XLA's error, one line of it)
+    if not _multi_process():
+      raise
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:300]
+    return _fail(f"the {_multi_process()}-process run stopped ({first}); a process probably died: rerun the same "
+                 f"command on every host to resume from the finished blocks.")
+
+
+def _multi_process() -> int:
+  """The process count of a joined multi-host run, else 0 (JAX not imported counts as none)."""
+  jax = sys.modules.get("jax")
+  try:
+    return jax.process_count() if jax is not None and jax.process_count() > 1 else 0
+  except Exception:  # pylint: disable=broad-except
+    return 0
 
 
 if __name__ == "__main__":

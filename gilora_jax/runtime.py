@@ -176,3 +176,47 @@ def release_free_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):
     pass
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, heartbeat_timeout_s: int = 100,
+                     initialization_timeout_s: int = 300) -> bool:
+  """Joins a multi-host run (``jax.distributed.initialize``) before any JAX computation; returns True if it did.
+
+  With ``coordinator`` ("HOST:PORT", process 0's address), ``num_processes`` and ``process_id`` given, those are
+  used; with none of them, JAX's own detection runs where a cluster environment is present (TPU pods, SLURM,
+  ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``) and nothing happens on a lone machine.
+  On CPU the cross-process collectives go through gloo. A process that stops answering for
+  ``heartbeat_timeout_s`` makes the others fail with the coordination service's error instead of waiting forever.
+
+  Raises ValueError for a partial set of the three options, or values out of range.
+  """
+  given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+  env = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  if not any(v is not None for v in given.values()):
+    if not any(os.environ.get(k) for k in env) and not _cluster_detected():
+      return False
+  elif any(v is None for v in given.values()):
+    missing = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is None)
+    raise ValueError(f"a multi-host run needs --coordinator, --num-processes and --process-id together; missing "
+                     f"{missing} (or set none of them and let JAX detect the cluster).")
+  else:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--process-id {process_id} with --num-processes {num_processes}: process ids run from 0 to "
+                       f"{max(num_processes - 1, 0)}.")
+    if ":" not in coordinator:
+      raise ValueError(f"--coordinator {coordinator!r}: give HOST:PORT of process 0 (e.g. 10.0.0.1:1234).")
+  import jax  # pylint: disable=import-outside-toplevel
+  # CPU devices' cross-process collectives (a CPU run; on GPU/TPU hosts it only concerns the host backend)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=initialization_timeout_s,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  log.info("joined a %d-process run as process %d", jax.process_count(), jax.process_index())
+  return True
+
+
+def _cluster_detected() -> bool:
+  """TPU pod or SLURM job environments, where ``jax.distributed.initialize()`` finds its peers by itself."""
+  return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+              or (os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1))
+

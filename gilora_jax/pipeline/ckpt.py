@@ -45,6 +45,7 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -142,7 +143,9 @@ def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, s
   os.makedirs(parent, exist_ok=True)
   tmp = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.tmp-")
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    if jax.process_count() > 1:  # orbax takes a process-local jax.Array for a shard of a global one: give it NumPy
+      tree = jax.tree.map(np.asarray, tree)
+    with _checkpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, STATE_DIR), tree)
       checkpointer.wait_until_finished()
     for name, src in (files or {}).items():
@@ -313,7 +316,7 @@ def read_tree(folder: str, target: Any, fix: str = FIX) -> Any:
   """The orbax `state/` of `folder` restored into `target` (a pytree of ShapeDtypeStructs); orbax's and
   tensorstore's many error types become one `CorruptCheckpointError` line."""
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
       return checkpointer.restore(os.path.join(folder, STATE_DIR), target)
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types, with long tracebacks)
     first = re.sub(r"<[^>]*>|See full TensorStore details:.*", "", str(e).strip().splitlines()[0] if str(e).strip()
@@ -322,9 +325,19 @@ def read_tree(folder: str, target: Any, fix: str = FIX) -> Any:
                                            f"({type(e).__name__}: {first}); {fix}") from None
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer of this process alone: the folders here hold host (NumPy) arrays, written by the one
+  process that writes (`sharding.is_writer`) and read by any, so no save or restore waits on other processes of
+  a multi-host run (orbax's default would make every process take part in each save)."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"gilora-p{me}"))
+
+
 def abstract_target(state: Any) -> Any:
-  """ShapeDtypeStructs on the default device for every array of an NNX state (what `read_tree` restores into)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """ShapeDtypeStructs on this process's first device for every array of an NNX state (what `read_tree`
+  restores into)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state))
 
 

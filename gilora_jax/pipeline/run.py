@@ -13,6 +13,7 @@ the same command is run again (bit-identical), and writes `OUT` atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gilora_jax import nn
+from gilora_jax import sharding as sharding_lib
 from gilora_jax.config import OptionError, QuantConfig
 from gilora_jax.models import convert, hf_config, qwen3
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
@@ -141,17 +143,28 @@ class _Calibration:
 def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, calib: str | None = None,
                     nsamples: int = 128, seqlen: int = 256, batch_size: int = 8, seed: int = 0,
                     overwrite: bool = False, verify: bool = True,
-                    progress: Callable[[int, int], Callable[[Iterable[int]], Iterable[int]]] | None = None
-                    ) -> dict[str, Any]:
+                    progress: Callable[[int, int], Callable[[Iterable[int]], Iterable[int]]] | None = None,
+                    mesh: Any = None) -> dict[str, Any]:
   """Quantizes the HF model folder `model` into the checkpoint `out` (module docstring); returns the summary.
 
   `progress(total, initial)` may return a wrapper of the block iterator (a tqdm bar). `verify=False` skips the
-  SHA-256 check of a partial checkpoint being resumed.
+  SHA-256 check of a partial checkpoint being resumed. `mesh`: run on a `jax.sharding.Mesh`
+  (`gilora_jax.sharding`); in a multi-host run every process calls this with the same arguments, each reads
+  the weight slices its devices hold, and process 0 alone writes (the output folder must be on a file system
+  every process reads, for resuming).
   """
   t_start = time.perf_counter()
   at_least("nsamples", nsamples)
   at_least("seqlen", seqlen, why=" (tokens per calibration window)")
   at_least("batch_size", batch_size)
+  if mesh is not None:  # the batches' rows must divide over "data": told now, not after tokenizing
+    sizes = {batch_size} | ({nsamples % batch_size} if nsamples % batch_size else set())
+    n = mesh.shape["data"]
+    if any(b % n for b in sizes):
+      raise OptionError("batch_size", batch_size, f"with --nsamples {nsamples} gives batches of {sorted(sizes)} rows, "
+                        f"which do not divide over the mesh's data axis of {n} devices; pass --nsamples and "
+                        f"{{name}} multiples of {n}, or --mesh data=1,model={mesh.size}.")
+  writer = sharding_lib.is_writer()
   folder = convert.local_folder(model)
   if ckpt.looks_like_checkpoint(folder):
     raise ValueError(f"{folder} is a gilora checkpoint; quantize the float HF model folder it came from.")
@@ -160,10 +173,12 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
   out = os.path.abspath(out) if out else default_out(folder, config)
   partial = out + PARTIAL_SUFFIX
   _check_out(out, folder, overwrite)  # fails fast, before waiting for anything
-  with files.OutputLock(out):
-    for path in (out, partial):
-      _clean_temporaries(path)
-    _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
+  with files.OutputLock(out) if writer else contextlib.nullcontext():  # the writer holds it for every process
+    if writer:
+      for path in (out, partial):
+        _clean_temporaries(path)
+      _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
+    sharding_lib.barrier("checked")
     lm = is_lm(abstract)
     t = time.perf_counter()
     cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed,
@@ -173,6 +188,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     quant = {"config": json.loads(json.dumps(config.to_json())), "num_blocks": len(abstract.layers)}
     fix = f"delete {partial} to start over."
     done = _check_partial(partial, run, quant, fix)
+    sharding_lib.barrier("partial read")  # every process has read the partial run before the writer changes it
     t = time.perf_counter()
     # Streaming: the embeddings, norms and head now, each block's float weights when its turn comes (one block
     # resident at a time; every tensor's shape was checked against the config from the safetensors headers).
@@ -184,17 +200,21 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
       restored, recs = partial_lib.restore_blocks(partial, nn.clone(skeleton), done, verify=verify, fix=fix)
       resume = apply.Resume(restored, [apply.LayerRecord(**r) for r in recs], done)
       log.info("resuming %s from block %d of %d", partial, done, quant["num_blocks"])
-    elif done is None:
+    elif done is None and writer:
       partial_lib.start(partial, run, quant)
 
     def after_block(i, model, recs):  # one shard per finished block: nothing finished is ever rewritten
-      partial_lib.save_block(partial, i, model.layers[i], [r._asdict() for r in recs if r.block == i])
+      block = model.layers[i] if mesh is None else sharding_lib.gathered(model.layers[i])  # every process
+      if writer:
+        partial_lib.save_block(partial, i, block, [r._asdict() for r in recs if r.block == i])
+      sharding_lib.barrier(f"block {i} written")
 
     stages["restore"] = round(time.perf_counter() - t - stages["load"], 3)
     t0 = time.perf_counter()
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(skeleton, cal.batches, config, resume=resume, after_block=after_block,
-                                  progress=wrap, check=False, stream=lazy)  # checked above, on the same shapes
+                                  progress=wrap if writer else None, check=False, stream=lazy,
+                                  mesh=mesh)  # checked above, on the same shapes
     del skeleton
     stages.update(result.stages, quantize_model=round(time.perf_counter() - t0, 3))
     stages["checkpoint"] = stages.pop("after_block")  # our after_block writes the block's shard
@@ -206,12 +226,15 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
                                       f"{config.layer.grid.bits}-bit, rank {config.layer.rank}")
     meta = {"run": run, "source": folder, "records": records,
             "quant": {**quant, "blocks_done": quant["num_blocks"], "sites": nn.quantized_specs(result.model)}}
-    # the blocks are the shards just written, linked in: only the embeddings, norms and head are written again
-    ckpt.save_assembled(out, result.model, [partial_lib.block_dir(partial, i) for i in range(quant["num_blocks"])],
-                        meta, overwrite=overwrite, files=side)
-    partial_lib.remove(partial)  # the finished run supersedes it (only what we wrote there is removed)
-    for path in (out, partial):
-      _clean_temporaries(path)
+    if writer:
+      # the blocks are the shards just written, linked in: only the embeddings, norms and head are written again
+      ckpt.save_assembled(out, result.model,
+                          [partial_lib.block_dir(partial, i) for i in range(quant["num_blocks"])], meta,
+                          overwrite=overwrite, files=side)
+      partial_lib.remove(partial)  # the finished run supersedes it (only what we wrote there is removed)
+      for path in (out, partial):
+        _clean_temporaries(path)
+    sharding_lib.barrier("written")
     stages["write"] = round(time.perf_counter() - t, 3)
   errs = [r["rel_err"] for r in records if r["rel_err"] is not None]
   layer = config.layer
