@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
 import warnings
 
@@ -24,8 +23,6 @@ from flax import nnx
 from gilora_jax import nn
 from gilora_jax.export import formats, reader
 from gilora_jax.models import ARCHITECTURES, convert, qwen3
-
-log = logging.getLogger(__name__)
 
 RTOL = 1e-4  # float32 evaluation of the same numbers by two frameworks, relative to max |logit|
 RELOAD_PACKAGES = {"torch": "torch==2.13.0", "transformers": "transformers~=5.23.0",

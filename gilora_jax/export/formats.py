@@ -8,7 +8,6 @@ Every function here is pure: a `Site` (one quantized linear's codes, grid, low-r
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from typing import Any
 
@@ -20,8 +19,6 @@ from gilora_jax import nn
 from gilora_jax.export import packing
 from gilora_jax.models import convert, qwen3
 from gilora_jax.quant.grid import GridSpec
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("ct", "gptq", "dense")
 GPTQ_BITS = (2, 3, 4, 8)  # transformers' GPTQConfig and vLLM accept only these
