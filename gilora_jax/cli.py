@@ -5,6 +5,7 @@
   gilora quantize-layer IN.npz --out OUT.npz ...   one layer from the arrays W and H
   gilora eval --model DIR          perplexity (--text, --seqlen) or top-1 (--images)
   gilora generate --model DIR --prompt TEXT
+  gilora export OUT --format {ct,gptq,dense} --to DIR   a quantized model as folders transformers/vLLM/PEFT load
 
 Every option of the layer configuration is a flag named after its field (``gilora_jax.config.FIELDS``), with the
 library's default. Results are JSON lines on stdout; tables, the progress bar and warnings go to stderr, the
@@ -213,6 +214,37 @@ def cmd_generate(a: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+  """Write a quantized model (a `gilora quantize` output) as a ct/gptq/dense folder; print a JSON line."""
+  from gilora_jax import export  # pylint: disable=import-outside-toplevel
+  print(json.dumps(export.export(a.model, a.to, format=a.format, adapter=a.adapter, merge_adapter=a.merge_adapter,
+                                 gptq_format=a.gptq_format, dtype=a.dtype, check=a.check, verify=a.verify)))
+  return 0
+
+
+def _add_export_parser(sub, verify: dict) -> argparse.ArgumentParser:
+  p = sub.add_parser("export", help="write a quantized model as a compressed-tensors, GPTQ or dense folder (+ PEFT "
+                     "adapter) that transformers, vLLM, GPTQModel and PEFT load; checked by reloading it")
+  p.add_argument("model", metavar="OUT", help="a `gilora quantize` output folder (or a ct/GPTQ folder)")
+  p.add_argument("--format", choices=("ct", "gptq", "dense"), required=True, help="ct: compressed-tensors "
+                 "pack-quantized (vLLM's preferred); gptq: qweight/qzeros/scales (v1 zeros for symmetric grids, v2 "
+                 "for asymmetric); dense: float weights")
+  p.add_argument("--to", required=True, metavar="DIR", help="the new folder (must not exist, or be empty)")
+  p.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=None, help="write L R as a PEFT LoRA "
+                 "folder DIR/adapter/ (default for ct and gptq; --no-adapter drops L R)")
+  p.add_argument("--merge-adapter", action="store_true", default=None, help="fold L R into the weights (dense only, "
+                 "its default)")
+  p.add_argument("--gptq-format", choices=("v1", "v2"), help="GPTQ zero points: v1 (stored z - 1) or v2 (stored z); "
+                 "default v1 for symmetric grids, v2 for asymmetric (v1 refuses a zero of 0)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="float dtype of the folder (default the "
+                 "checkpoint's; gptq is always float16)")
+  p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="decode every written tensor "
+                 "and, for ct/dense, reload the folder with transformers + peft and compare logits (default on)")
+  p.add_argument("--verify", **verify)
+  p.set_defaults(func=cmd_export)
+  return p
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -286,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--verify", **verify)
   p.set_defaults(func=cmd_generate)
   parser.commands["generate"] = p
+  parser.commands["export"] = _add_export_parser(sub, verify)
   return parser
 
 

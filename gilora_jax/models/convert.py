@@ -369,10 +369,21 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int 
   Weights are stored in the model's `param_dtype`.
   """
   cfg = model.config
-  table = KEY_TABLES[cfg.architecture]
+  folder = os.path.abspath(os.fspath(path))
+  write_safetensors(folder, hf_tensors(model), max_shard_bytes)
+  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({**(extra_config or {}), **cfg.to_hf_config()}, f, indent=2)
+
+
+def hf_tensors(model: nnx.Module, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """{HF key: array in the HF layout} of every variable of `model` outside the sub-modules at the dotted paths
+  `skip` (e.g. its quantized linears, which an exporter writes itself). Raises naming any unmappable variable."""
+  table = KEY_TABLES[model.config.architecture]
   tensors, unmapped = {}, []
   for p, leaf in _flatten(nnx.to_pure_dict(nnx.state(model))).items():
     name = _dotted(p)
+    if any(name.startswith(s + ".") for s in skip):
+      continue
     for rule in table.rules:
       key = rule.nnx_to_hf(name)
       if key is not None:
@@ -384,7 +395,46 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int 
   if unmapped:
     raise ValueError(f"cannot express these {type(model).__name__} variables as HF keys: {unmapped}. Only float "
                      f"models convert to HF; save quantized ones with gilora_jax.pipeline.ckpt.save_model.")
-  folder = os.path.abspath(os.fspath(path))
+  return tensors
+
+
+def hf_name(architecture: str, path: str) -> str | None:
+  """The HF key of the NNX variable at the dotted `path` (`layers.0.self_attn.q_proj.kernel` ->
+  `model.layers.0.self_attn.q_proj.weight`), or None."""
+  return next((k for r in KEY_TABLES[architecture].rules if (k := r.nnx_to_hf(path)) is not None), None)
+
+
+def fill_from_hf(model: nnx.Module, tensors: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> nnx.Module:
+  """`model` (abstract or not) with every variable outside the sub-modules `skip` read from `tensors` ({HF key:
+  array}, the inverse of `hf_tensors`), cast to the variable's dtype; raises naming every missing or wrong-shaped
+  key at once. The variables under `skip` keep their values."""
+  table = KEY_TABLES[model.config.architecture]
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  problems = []
+  for p, leaf in _flatten(pure).items():
+    name = _dotted(p)
+    if any(name.startswith(s + ".") for s in skip):
+      continue
+    rule, key = next(((r, k) for r in table.rules if (k := r.nnx_to_hf(name)) is not None), (None, None))
+    if key is None or key not in tensors:
+      problems.append(f"missing: {key or name}")
+      continue
+    value = _to_nnx(np.asarray(tensors[key]), rule.transform)
+    if value.shape != leaf.shape:
+      problems.append(f"wrong shape: {key} {list(value.shape)} vs {name} {list(leaf.shape)}")
+      continue
+    _set(pure, p, jnp.asarray(value.astype(leaf.dtype, copy=False)))
+  if problems:
+    raise CheckpointMismatchError(f"the tensors do not fit {type(model).__name__} built from its config.json "
+                                  f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def write_safetensors(folder: str, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None) -> None:
+  """Writes `tensors` into `folder` as `model.safetensors`, or as shards of at most `max_shard_bytes` plus
+  `model.safetensors.index.json`, removing the weight files of an earlier save first."""
   os.makedirs(folder, exist_ok=True)
   for stale in os.listdir(folder):  # weights of an earlier save would be mixed into ours
     if stale in (SAFETENSORS, SAFETENSORS_INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", stale):
@@ -407,6 +457,12 @@ def save_hf(model: nnx.Module, path: str | os.PathLike, *, max_shard_bytes: int 
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
     with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
       json.dump(index, f, indent=2)
-  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({**(extra_config or {}), **cfg.to_hf_config()}, f, indent=2)
 
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+  """Every tensor of a HF folder's safetensors file(s) (single or sharded), as NumPy arrays."""
+  out = {}
+  for file in _safetensors_files(folder):
+    with safe_open(file, framework="numpy") as f:
+      out.update({key: f.get_tensor(key) for key in f.keys()})
+  return out

@@ -1,0 +1,227 @@
+"""Export of quantized models to the folders serving stacks load: compressed-tensors, GPTQ, dense, + PEFT LoRA.
+
+`W ≈ Q + L R` is "a quantized base plus a LoRA adapter": `export(src, to, format=...)` writes `Q` as a
+compressed-tensors `pack-quantized` (`"ct"`, what vLLM prefers) or GPTQ (`"gptq"`) checkpoint, or `Q + L R` as
+float weights (`"dense"`), and `L R` as a PEFT adapter in `to/adapter/`. Byte-level layouts:
+shared/EXPORT_FORMATS.md. The writer needs only safetensors and NumPy; the self-check (on by default) decodes
+every written tensor independently and, for ct and dense, reloads the folder with transformers (+ peft) and
+compares logits (`gilora_jax.export.check`). The folder is written under a temporary name and renamed at the end,
+so a failed check leaves nothing behind.
+
+`gilora_jax.load_model` reads ct and GPTQ folders back into `QuantizedLinear` models (`gilora_jax.export.reader`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from gilora_jax.export import check as check_lib
+from gilora_jax.export import formats, reader
+from gilora_jax.export.formats import FORMATS
+from gilora_jax.models import convert, hf_config
+
+__all__ = ["FORMATS", "export", "load"]
+
+log = logging.getLogger(__name__)
+load = reader.load
+
+
+def _source(model_or_folder, verify: bool) -> tuple[nnx.Module, str | None]:
+  """(the quantized model, the folder it came from or None)."""
+  if isinstance(model_or_folder, nnx.Module):
+    return model_or_folder, None
+  from gilora_jax.pipeline import ckpt  # pylint: disable=import-outside-toplevel  (orbax: only for checkpoints)
+  folder = convert.local_folder(model_or_folder)
+  if reader.quant_method(folder):
+    return reader.load(folder), folder
+  if not ckpt.is_checkpoint(folder):
+    raise ValueError(f"{folder} is neither a gilora checkpoint nor a compressed-tensors/GPTQ folder; export the "
+                     f"output folder of `gilora quantize --model ... --out OUT`.")
+  if "quant" not in ckpt.read_meta(folder):
+    raise ValueError(f"{folder} is a float gilora checkpoint: nothing is quantized; run `gilora quantize` first.")
+  return ckpt.restore_model(folder, verify_files=verify), folder
+
+
+def _side_files(folder: str | None) -> tuple[dict[str, str], dict[str, Any]]:
+  """(tokenizer/preprocessor/generation files to copy, config.json entries of the original model to keep)."""
+  if folder is None:
+    return {}, {}
+  from gilora_jax.pipeline import ckpt, run  # pylint: disable=import-outside-toplevel
+  files = {n: os.path.join(folder, n) for n in run.SIDE_FILES if os.path.isfile(os.path.join(folder, n))}
+  source = ckpt.read_meta(folder).get("source") if ckpt.is_checkpoint(folder) else folder
+  extra = {}
+  if source and os.path.isfile(os.path.join(source, "config.json")):
+    extra = {k: v for k, v in hf_config.read_config(source)[0].items() if k != "quantization_config"}
+  return files, extra
+
+
+def _lowrank_mode(fmt: str, adapter: bool | None, merge_adapter: bool | None) -> str:
+  """"adapter" (PEFT folder), "merge" (into dense weights) or "drop"."""
+  if adapter and merge_adapter:
+    raise ValueError("adapter and merge_adapter exclude each other: L R is either written as a PEFT adapter or "
+                     "folded into the dense weights.")
+  if merge_adapter and fmt != "dense":
+    raise ValueError(f"merge_adapter: a {fmt} base is quantized and cannot absorb L R; use format='dense' to merge "
+                     f"it, or keep it as the adapter (the default).")
+  if merge_adapter or (fmt == "dense" and adapter is None and merge_adapter is None):
+    return "merge"
+  if adapter is False or (fmt == "dense" and merge_adapter is False and not adapter):
+    return "drop"
+  return "adapter"
+
+
+def _check_destination(to: str, folder: str | None) -> str:
+  final = os.path.abspath(os.fspath(to))
+  if os.path.exists(final) and not (os.path.isdir(final) and not os.listdir(final)):
+    raise FileExistsError(f"{final} exists and is not empty; export into a new folder (or remove it yourself).")
+  if folder is not None:
+    real, src = os.path.realpath(final), os.path.realpath(folder)
+    if real == src or real.startswith(src + os.sep) or src.startswith(real + os.sep):
+      raise ValueError(f"{final} is inside the source folder {folder} (or contains it); export elsewhere.")
+  return final
+
+
+def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pylint: disable=redefined-builtin
+           adapter: bool | None = None, merge_adapter: bool | None = None, gptq_format: str | None = None,
+           dtype: str | None = None, check: bool = True, verify: bool = True,
+           max_shard_bytes: int | None = 5 * 2**30) -> dict[str, Any]:
+  """Writes a quantized model as a folder transformers/vLLM/GPTQModel/PEFT load; returns a summary dict.
+
+  Args:
+    model_or_folder: a model with `QuantizedLinear`s, a `gilora quantize` output folder, or a ct/GPTQ folder.
+    to: the new folder (must not exist, or be empty).
+    format: "ct" (compressed-tensors pack-quantized), "gptq", or "dense" (float weights).
+    adapter: write `L R` as a PEFT LoRA folder `to/adapter/` (default for ct and gptq); False drops it.
+    merge_adapter: fold `L R` into the weights (dense only; the default there).
+    gptq_format: "v1" or "v2" zero points; default v1 for symmetric grids, v2 for asymmetric.
+    dtype: the float dtype of the folder (default the model's `param_dtype`; GPTQ is always float16).
+    check: decode everything written and (ct, dense) reload it with transformers + peft (module docstring).
+    verify: check a gilora checkpoint's SHA-256 manifest before reading it.
+    max_shard_bytes: safetensors shard size.
+  """
+  if format not in FORMATS:
+    raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}.")
+  lowrank = _lowrank_mode(format, adapter, merge_adapter)
+  if check and format != "gptq":
+    missing = check_lib.missing_reload_packages()
+    if missing:
+      raise ValueError(f"the {format} self-check reloads the folder with transformers + peft, and {', '.join(missing)} "
+                       f"is not installed: pip install 'gilora_jax[export]' (or skip the check: check=False, "
+                       f"--no-check).")
+  model, folder = _source(model_or_folder, verify)
+  final = _check_destination(to, folder)
+  sites = formats.sites(model)
+  if not sites:
+    raise ValueError("the model has no quantized linears; quantize it first (gilora quantize).")
+  linears = formats.linear_names(model)
+  if format == "gptq":
+    if dtype not in (None, "float16"):
+      raise ValueError(f"dtype={dtype!r}: GPTQ checkpoints are float16 (vLLM's gptq kernels run in float16).")
+    dtype = "float16"
+  dtype = dtype or model.config.param_dtype
+  if dtype not in formats.NUMPY_DTYPES:
+    raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(formats.NUMPY_DTYPES)}.")
+  problems = formats.gptq_requirements(model, sites, linears) if format == "gptq" else []
+  if problems:
+    raise ValueError(problems[0] if len(problems) == 1 else "cannot write GPTQ: " + "; ".join(problems))
+  notes = []
+  if format == "ct":
+    notes = formats.ct_kernel_notes(sites)
+  elif format == "gptq":
+    s = sites[0]
+    if not (s.grid.symmetric and s.grid.bits in (4, 8) and s.grid.group_size in formats.MARLIN_GROUPS):
+      notes.append(f"vLLM's Marlin kernels want symmetric 4/8-bit with groups -1/32/64/128; this {s.grid.bits}-bit "
+                   f"{'symmetric' if s.grid.symmetric else 'asymmetric'} model runs on gptq_gemm.")
+  if lowrank == "drop" and any(s.rank for s in sites):
+    notes.append("the low-rank term L R is not written (adapter=False): the folder holds Q alone, a worse model.")
+  for note in notes:
+    log.warning("%s", note)
+  if lowrank == "adapter" and not any(s.rank for s in sites):
+    lowrank = "drop"  # rank 0 everywhere (rtn, gptq): there is no adapter to write
+
+  paths = tuple(s.path for s in sites)
+  tensors = {k: (v.astype(formats.NUMPY_DTYPES[dtype]) if np.issubdtype(v.dtype, np.floating) else v)
+             for k, v in convert.hf_tensors(model, skip=paths).items()}
+  zero_format = formats.gptq_zero_format(sites, gptq_format) if format == "gptq" else None
+  for s in sites:
+    if format == "ct":
+      tensors.update(formats.ct_tensors(s, dtype))
+    elif format == "gptq":
+      tensors.update(formats.gptq_tensors(s, zero_format))
+    else:
+      tensors.update(formats.dense_tensors(s, dtype, merge=lowrank == "merge"))
+  meta = {"quantizer": [f"gilora_jax:{_version()}"], "lowrank_adapter": f"{reader.ADAPTER_DIR}/"
+          if lowrank == "adapter" else None}
+  qc = (formats.ct_config(model, sites, linears) if format == "ct" else
+        formats.gptq_config(sites[0], zero_format, meta) if format == "gptq" else None)
+  side, extra = _side_files(folder)
+  config = {**extra, **model.config.to_hf_config(), "dtype": dtype}
+  if qc is not None:
+    config["quantization_config"] = qc
+
+  from gilora_jax.pipeline import files as files_lib  # pylint: disable=import-outside-toplevel
+  parent = os.path.dirname(final)
+  os.makedirs(parent, exist_ok=True)
+  tmp = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.tmp-")
+  try:
+    convert.write_safetensors(tmp, tensors, max_shard_bytes)
+    _write_json(os.path.join(tmp, "config.json"), config)
+    if format == "gptq":
+      _write_json(os.path.join(tmp, "quantize_config.json"), qc)
+    for name, src in side.items():
+      shutil.copyfile(src, os.path.join(tmp, name))
+    if lowrank == "adapter":
+      _write_adapter(os.path.join(tmp, reader.ADAPTER_DIR), model, sites, linears, final, dtype)
+    checked = []
+    if check:
+      check_lib.decode(tmp, format, sites, dtype, lowrank)
+      checked.append("decode: every code, zero, scale and factor bit-identical")
+      if format != "gptq":
+        checked.append(check_lib.reload(tmp, format, model, sites, dtype, lowrank, tensors if format == "dense"
+                                        else None))
+    if os.path.isdir(final):
+      os.rmdir(final)  # empty (checked above)
+    os.rename(tmp, final)
+    files_lib.fsync_dir(parent)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  summary = {"out": final, "format": format, "dtype": dtype, "lowrank": lowrank, "layers": len(sites),
+             "gptq_format": zero_format, "warnings": notes, "check": checked if check else None}
+  log.info("exported %d quantized linears to %s (%s)", len(sites), final, format)
+  return summary
+
+
+def _write_adapter(path: str, model: nnx.Module, sites: list[formats.Site], linears: list[str], base: str,
+                   dtype: str) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(path)
+  save_file(formats.adapter_tensors(model.config.architecture, sites, dtype), os.path.join(path, reader.ADAPTER_WEIGHTS),
+            metadata={"format": "pt"})
+  _write_json(os.path.join(path, reader.ADAPTER_CONFIG), formats.adapter_config(model, sites, linears, base,
+                                                                                _peft_version()))
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+
+
+def _version() -> str:
+  from gilora_jax import __version__  # pylint: disable=import-outside-toplevel
+  return __version__
+
+
+def _peft_version() -> str | None:
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version("peft")
+  except metadata.PackageNotFoundError:
+    return None
+

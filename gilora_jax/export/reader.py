@@ -1,0 +1,210 @@
+"""Reading compressed-tensors `pack-quantized` and GPTQ folders into models with `QuantizedLinear`s (NumPy only).
+
+What `gilora_jax.load_model` does with a HF folder whose config.json has a `quantization_config` of
+`quant_method` "compressed-tensors" or "gptq": ours (`gilora export`) or one written by llm-compressor or GPTQModel.
+A PEFT adapter in `FOLDER/adapter/` (what `gilora export` writes beside the base) becomes the layers' `L`, `R`.
+
+The decoders here are also the export's self-check (`gilora_jax.export.check`): `packing.unpack` reads the bit
+stream independently of the packer that wrote it.
+"""
+# Math-style names follow the papers and formats.  pylint: disable=invalid-name
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from gilora_jax import nn
+from gilora_jax.export import formats, packing
+from gilora_jax.models import ARCHITECTURES, convert, hf_config
+from gilora_jax.quant.grid import GridSpec
+
+METHODS = ("compressed-tensors", "gptq")
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def quant_method(folder: str) -> str | None:
+  """The `quantization_config.quant_method` of a HF folder's config.json when it is one this module reads."""
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    return None
+  config, _ = hf_config.read_config(folder)
+  method = (config.get("quantization_config") or {}).get("quant_method")
+  return method if method in METHODS else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """One linear's grid as a file stores it, decoded: codes (d_in, d_out) uint8, scales and zeros (G, d_out)."""
+  grid: GridSpec
+  codes: np.ndarray
+  scales: np.ndarray
+  zeros: np.ndarray
+  bias: np.ndarray | None
+
+
+def _grid(bits: int, group_size: int | None, symmetric: bool, where: str) -> GridSpec:
+  grid = GridSpec(bits=int(bits), group_size=None if group_size in (None, -1) else int(group_size),
+                  symmetric=bool(symmetric))
+  grid.validate(where=where)
+  return grid
+
+
+# ------------------------------------------------------------------------------------------------ compressed-tensors
+
+
+def _ct_matches(target: str, name: str) -> bool:
+  if target.startswith("re:"):
+    return re.match(target[3:], name) is not None
+  return target in (name, "Linear")
+
+
+def ct_scheme(qc: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
+  """The `weights` args of the config group whose targets match module `name` (None when it is ignored)."""
+  if any(_ct_matches(t, name) for t in qc.get("ignore") or ()):
+    return None
+  for group in (qc.get("config_groups") or {}).values():
+    if any(_ct_matches(t, name) for t in group.get("targets") or ()):
+      return group.get("weights")
+  return None
+
+
+def decode_ct(tensors: dict[str, np.ndarray], name: str, weights: dict[str, Any], where: str) -> Decoded:
+  """`name.weight_packed/_scale/_shape/_zero_point` -> codes, scales, zeros (EXPORT_FORMATS.md §3.1)."""
+  if weights.get("type", "int") != "int" or weights.get("strategy") not in ("group", "channel"):
+    raise ValueError(f"{where}: {name} is quantized with type {weights.get('type')!r}, strategy "
+                     f"{weights.get('strategy')!r}; gilora reads integer grids per group or per channel only.")
+  if weights.get("actorder") == "group" or f"{name}.weight_g_idx" in tensors:
+    raise ValueError(f"{where}: {name} uses act-order groups (weight_g_idx); gilora's grids are contiguous groups, "
+                     f"so this checkpoint cannot be read; re-quantize with actorder 'weight' or null.")
+  b, sym = int(weights["num_bits"]), bool(weights.get("symmetric", True))
+  d_out, d_in = (int(v) for v in tensors[f"{name}.weight_shape"])
+  grid = _grid(b, weights.get("group_size") if weights["strategy"] == "group" else None, sym, f"{where}: {name}")
+  codes = packing.unpack(tensors[f"{name}.weight_packed"], b, d_in).T  # (d_out, d_in) -> (d_in, d_out)
+  scales = np.asarray(tensors[f"{name}.weight_scale"]).astype(np.float32).T  # (d_out, G) -> (G, d_out)
+  if sym:
+    zeros = np.full(scales.shape, float(1 << (b - 1)), np.float32)  # CT's signed zero 0 is the stored 2^(b-1)
+  else:
+    zeros = packing.unpack(np.asarray(tensors[f"{name}.weight_zero_point"]).T, b, d_out).astype(np.float32)
+  bias = tensors.get(f"{name}.bias")
+  return Decoded(grid, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, bias)
+
+
+# ------------------------------------------------------------------------------------------------ GPTQ
+
+
+def decode_gptq(tensors: dict[str, np.ndarray], name: str, qc: dict[str, Any], where: str) -> Decoded:
+  """`name.qweight/qzeros/scales/g_idx` -> codes, scales, zeros, decoding zeros as `checkpoint_format` says."""
+  b = int(qc["bits"])
+  qweight, scales = tensors[f"{name}.qweight"], np.asarray(tensors[f"{name}.scales"]).astype(np.float32)
+  d_out = scales.shape[1]
+  d_in = qweight.shape[0] * 32 // b
+  grid = _grid(b, qc.get("group_size", -1), qc.get("sym", True), f"{where}: {name}")
+  g = d_in if grid.group_size is None else grid.group_size
+  g_idx = tensors.get(f"{name}.g_idx")
+  if g_idx is not None and not np.array_equal(g_idx, np.arange(d_in) // g):
+    raise ValueError(f"{where}: {name} has an act-order g_idx (desc_act); gilora's grids are contiguous groups, so "
+                     f"this checkpoint cannot be read; re-quantize with desc_act false (static groups).")
+  codes = packing.unpack(np.ascontiguousarray(qweight.T), b, d_in).T  # packed along d_in
+  fmt = qc.get("checkpoint_format") or qc.get("format") or packing.V1
+  if fmt == packing.V2:
+    zeros = packing.unpack(tensors[f"{name}.qzeros"], b, d_out)
+  elif fmt == packing.V1:
+    zeros = packing.decode_v1_zeros(tensors[f"{name}.qzeros"], b, d_out)
+  else:
+    raise ValueError(f"{where}: checkpoint_format {fmt!r} is not GPTQ v1 ('gptq') or v2 ('gptq_v2').")
+  return Decoded(grid, np.ascontiguousarray(codes), scales, zeros.astype(np.float32), tensors.get(f"{name}.bias"))
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+
+
+def read_adapter(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{HF module name: (L (d_in, r), R (r, d_out))} of a PEFT LoRA folder, with its scaling folded into R."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
+    cfg = json.load(f)
+  if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+    raise ValueError(f"{folder}: only plain LoRA adapters can become L R (peft_type {cfg.get('peft_type')!r}, "
+                     f"use_dora {cfg.get('use_dora')}).")
+  tensors = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
+  out = {}
+  for key, A in tensors.items():
+    if not key.endswith(".lora_A.weight"):
+      continue
+    name = key[:-len(".lora_A.weight")].removeprefix("base_model.model.")
+    B = tensors[key.replace(".lora_A.", ".lora_B.")]
+
+    def pattern(field, default, name=name):
+      return next((v for p, v in (cfg.get(field) or {}).items() if re.match(rf"(.*\.)?({p})$", name)), default)
+    r, alpha = pattern("rank_pattern", cfg["r"]), pattern("alpha_pattern", cfg["lora_alpha"])
+    scaling = alpha / (np.sqrt(r) if cfg.get("use_rslora") else r)
+    out[name] = (A.astype(np.float32).T, (B.astype(np.float32) * np.float32(scaling)).T)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def load(path: str | os.PathLike, *, dtype: str = "float32", adapter: bool = True) -> nnx.Module:
+  """The model of a compressed-tensors or GPTQ folder, with a `QuantizedLinear` at every quantized linear (its
+  codes, scales and zeros exactly as stored) and the float tensors cast to `dtype`; `L R` from `path/adapter/`
+  when it is there and `adapter` is True."""
+  folder = convert.local_folder(path)
+  config, where = hf_config.read_config(folder)
+  qc = config.get("quantization_config") or {}
+  method = qc.get("quant_method")
+  if method not in METHODS:
+    raise ValueError(f"{where}: quant_method {method!r} is not one gilora reads ({', '.join(METHODS)}).")
+  if method == "compressed-tensors" and qc.get("format") not in ("pack-quantized", None):
+    raise ValueError(f"{where}: compressed-tensors format {qc.get('format')!r}; gilora reads 'pack-quantized'.")
+  if method == "gptq" and qc.get("dynamic"):
+    raise ValueError(f"{where}: GPTQ 'dynamic' per-module overrides are not supported; export without them.")
+  arch_name = convert.architecture_of(config, where)
+  arch = ARCHITECTURES[arch_name]
+  cfg = arch.config_cls.from_hf_config(config, dtype=dtype, param_dtype=dtype)
+  tensors = convert.read_safetensors(folder)
+  suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
+  names = sorted(k[:-len(suffix)] for k in tensors if k.endswith(suffix))
+  lowrank = {}
+  adapter_dir = os.path.join(folder, ADAPTER_DIR)
+  if adapter and os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG)):
+    lowrank = read_adapter(adapter_dir)
+  model = nnx.eval_shape(lambda: arch.model_cls(cfg, rngs=nnx.Rngs(0)))
+  paths = []
+  for name in names:
+    path = next((p for r in convert.KEY_TABLES[arch_name].rules if (p := r.hf_to_nnx(name + ".weight"))), None)
+    if path is None or not path.endswith(".kernel"):
+      raise ValueError(f"{where}: quantized module {name} is not a linear of {arch_name} that gilora can hold.")
+    path = path[:-len(".kernel")]
+    if method == "compressed-tensors":
+      weights = ct_scheme(qc, name, where)
+      if weights is None:
+        raise ValueError(f"{where}: {name} has packed weights but no config group of its quantization_config "
+                         f"targets it.")
+      d = decode_ct(tensors, name, weights, where)
+    else:
+      d = decode_gptq(tensors, name, qc, where)
+    L, R = lowrank.pop(formats.adapter_name(arch_name, name), (np.zeros((d.codes.shape[0], 0), np.float32), np.zeros((0, d.codes.shape[1]),
+                                                                                    np.float32)))
+    expected = nn.get_path(model, path)
+    use_bias = getattr(expected, "bias", None) is not None
+    if (expected.in_features, expected.out_features) != d.codes.shape:
+      raise convert.CheckpointMismatchError(f"{where}: {name} holds a {d.codes.shape[0]}×{d.codes.shape[1]} weight; "
+                                            f"config.json says {expected.in_features}×{expected.out_features}.")
+    if use_bias and d.bias is None:
+      raise convert.CheckpointMismatchError(f"{where}: {name}.bias is missing.")
+    nn.set_path(model, path, nn.QuantizedLinear(d.codes, d.scales, d.zeros, L, R, grid=d.grid, dtype=cfg.dtype,
+                                                bias=None if not use_bias else np.asarray(d.bias).astype(dtype)))
+    paths.append(path)
+  if lowrank:
+    raise ValueError(f"{adapter_dir}: the adapter has factors for {sorted(lowrank)[:3]}, which are not quantized "
+                     f"linears of {folder}.")
+  return convert.fill_from_hf(model, tensors, skip=tuple(paths))

@@ -1,0 +1,219 @@
+"""gj.export on tiny random quantized Qwen3 and DeiT models: every format's self-check (decode + transformers/peft
+reload), the tensors and configs EXPORT_FORMATS.md specifies, import back, and the refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import gilora_jax as gj
+from gilora_jax import export as ex
+from gilora_jax import nn
+from gilora_jax.export import check as check_lib
+from gilora_jax.export import formats, packing
+
+from .conftest import tiny_lm, tiny_vit
+
+pytest.importorskip("compressed_tensors")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+  return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def lm_ct(qlm, out):
+  return ex.export(qlm, out / "lm_ct", format="ct")
+
+
+@pytest.fixture(scope="module")
+def lm_gptq(qlm, out):
+  return ex.export(qlm, out / "lm_gptq", format="gptq")
+
+
+@pytest.fixture(scope="module")
+def vit_ct(qvit, out):
+  return ex.export(qvit, out / "vit_ct", format="ct", dtype="bfloat16")
+
+
+def _json(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _sites(model):
+  return {s.path: s for s in formats.sites(model)}
+
+
+def _same_quantized(imported, model, scale_dtype, factor_dtype=None):
+  """Identical codes and zeros; scales (and factors) as the format rounds them."""
+  got, want = _sites(imported), _sites(model)
+  assert got.keys() == want.keys()
+  for path, s in want.items():
+    g = got[path]
+    assert g.grid == s.grid
+    np.testing.assert_array_equal(g.codes, s.codes)
+    np.testing.assert_array_equal(g.zeros, s.zeros)
+    np.testing.assert_array_equal(g.scales, formats.rounded(s.scales, scale_dtype))
+    if factor_dtype is not None:
+      L, R = formats.adapter_factors(s, factor_dtype)
+      np.testing.assert_array_equal(g.L, L)
+      np.testing.assert_array_equal(g.R, R)
+
+
+def test_ct_qwen3_reloads_in_transformers_and_peft_and_imports_back(qlm, lm_ct):
+  assert lm_ct["lowrank"] == "adapter" and lm_ct["check"][0].startswith("decode")
+  assert "base:" in lm_ct["check"][1] and "base + adapter:" in lm_ct["check"][1]
+  folder = lm_ct["out"]
+  qc = _json(os.path.join(folder, "config.json"))["quantization_config"]
+  assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"] and "scale_dtype" not in str(qc)
+  t = load_file(os.path.join(folder, "model.safetensors"))
+  q = "model.layers.0.self_attn.q_proj"
+  assert t[f"{q}.weight_packed"].dtype == np.int32 and t[f"{q}.weight_packed"].shape == (64, 64 * 4 // 32)
+  assert t[f"{q}.weight_scale"].shape == (64, 2) and t[f"{q}.weight_zero_point"].shape == (64 * 4 // 32, 2)
+  assert t[f"{q}.weight_shape"].tolist() == [64, 64] and f"{q}.weight" not in t and "lm_head.weight" in t
+  for name in ("tokenizer.json",):  # no side files from an in-memory model
+    assert not os.path.exists(os.path.join(folder, name))
+  cfg = _json(os.path.join(folder, "adapter", "adapter_config.json"))
+  assert cfg["r"] == cfg["lora_alpha"] == 4 and not cfg["use_dora"] and not cfg["use_rslora"]
+  assert cfg["modules_to_save"] is None and cfg["rank_pattern"] == {}
+  a = load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
+  assert a[f"base_model.model.{q}.lora_A.weight"].shape == (4, 64)
+  assert a[f"base_model.model.{q}.lora_B.weight"].shape == (64, 4)
+  imported = gj.load_model(folder)
+  _same_quantized(imported, qlm, "float32", "float32")
+  ids = check_lib.inputs(qlm)
+  np.testing.assert_allclose(check_lib.jax_logits(imported, ids), check_lib.jax_logits(qlm, ids), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
+def test_the_adapter_is_applied_by_peft_not_just_loaded(lm_ct):
+  """The reload check compares base and base + adapter separately; the adapter must move the logits well past the
+  check's tolerance, or a silently ignored adapter would pass."""
+  x = np.random.default_rng(0).integers(0, 101, size=(2, 16)).astype(np.int32)
+  base, full = check_lib.torch_logits(lm_ct["out"], x, True, os.path.join(lm_ct["out"], "adapter"))
+  assert np.abs(full - base).max() > 100 * check_lib.RTOL * max(1.0, np.abs(base).max())
+
+
+def test_gptq_tensors_configs_and_import(qlm, lm_ct, lm_gptq):
+  folder = lm_gptq["out"]
+  assert lm_gptq["gptq_format"] == packing.V2 and lm_gptq["dtype"] == "float16"  # asymmetric -> v2
+  config = _json(os.path.join(folder, "config.json"))
+  assert config["quantization_config"] == _json(os.path.join(folder, "quantize_config.json"))
+  qc = config["quantization_config"]
+  assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["checkpoint_format"]) == (4, 32, False, False,
+                                                                                                 "gptq_v2")
+  t, c = load_file(os.path.join(folder, "model.safetensors")), load_file(os.path.join(lm_ct["out"],
+                                                                                     "model.safetensors"))
+  q = "model.layers.1.mlp.down_proj"
+  assert t[f"{q}.qweight"].shape == (64 * 4 // 32, 64) and t[f"{q}.qzeros"].shape == (2, 64 * 4 // 32)
+  np.testing.assert_array_equal(t[f"{q}.qweight"], c[f"{q}.weight_packed"].T)  # one bitstream, two orientations
+  np.testing.assert_array_equal(t[f"{q}.g_idx"], np.arange(64) // 32)
+  assert t[f"{q}.scales"].dtype == np.float16 and t["model.embed_tokens.weight"].dtype == np.float16
+  _same_quantized(gj.load_model(folder), qlm, "float16", "float16")
+
+
+def test_symmetric_gptq_is_v1_with_the_golden_zero_words(tmp_path):
+  model = tiny_lm(bits=4, group_size=None, symmetric=True, rank=0)
+  s = ex.export(model, tmp_path / "g", format="gptq")
+  assert s["gptq_format"] == packing.V1 and s["lowrank"] == "drop"  # rank 0: no adapter to write
+  assert not os.path.exists(tmp_path / "g" / "adapter")
+  t = load_file(str(tmp_path / "g" / "model.safetensors"))
+  words = t["model.layers.0.self_attn.q_proj.qzeros"].view(np.uint32)
+  assert {hex(int(w)) for w in words.ravel()} == {"0x77777777"}  # 8 - 1 in every nibble
+  _same_quantized(gj.load_model(str(tmp_path / "g")), model, "float16")
+
+
+def test_gptq_v1_on_an_asymmetric_model_is_refused_with_the_count_of_zero_points(qlm, tmp_path):
+  zero = sum(int(np.count_nonzero(s.int_zeros() == 0)) for s in formats.sites(qlm))
+  assert zero > 0
+  with pytest.raises(ValueError, match=f"{zero} of .* zero points .* are 0"):
+    ex.export(qlm, tmp_path / "g", format="gptq", gptq_format="v1")
+  assert not os.listdir(tmp_path)  # refused before anything was written
+  safe = tiny_lm(seed=3)  # no zero of 0: v1 may hold it
+  for s in formats.sites(safe):
+    nn.get_path(safe, s.path).zeros[...] = np.maximum(s.zeros, 1.0)
+  assert ex.export(safe, tmp_path / "v1", format="gptq", gptq_format="v1")["gptq_format"] == packing.V1
+  _same_quantized(gj.load_model(str(tmp_path / "v1")), safe, "float16")
+
+
+def test_dense_qwen3_matches_our_quantized_model_in_float32(qlm, out):
+  s = ex.export(qlm, out / "lm_dense", format="dense")
+  assert s["lowrank"] == "merge" and not os.path.exists(out / "lm_dense" / "adapter")
+  float_model = gj.load_model(str(out / "lm_dense"))  # a plain float Qwen3
+  assert not _sites(float_model)
+  ids = check_lib.inputs(qlm)
+  np.testing.assert_allclose(check_lib.jax_logits(float_model, ids), check_lib.jax_logits(qlm, ids), atol=1e-4)
+
+
+def test_deit_ct_bf16_and_dense_reload(qvit, vit_ct, out):
+  assert len(vit_ct["check"]) == 2 and "base + adapter" in vit_ct["check"][1]
+  qc = _json(os.path.join(vit_ct["out"], "config.json"))["quantization_config"]
+  assert qc["version"] == "0.18.0"  # 3-bit packing needs compressed-tensors >= 0.18
+  assert set(qc["ignore"]) == {"cls_classifier", "distillation_classifier"}
+  t = load_file(os.path.join(vit_ct["out"], "model.safetensors"))
+  q = "deit.encoder.layer.0.attention.attention.query"
+  assert t[f"{q}.weight_scale"].dtype.name == "bfloat16" and t[f"{q}.weight_scale"].shape == (64, 1)
+  assert f"{q}.weight_zero_point" not in t and t[f"{q}.bias"].dtype.name == "bfloat16"  # symmetric: no zeros
+  _same_quantized(gj.load_model(vit_ct["out"]), qvit, "bfloat16", "bfloat16")
+  s = ex.export(qvit, out / "vit_dense", format="dense", adapter=True)  # dense Q plus the adapter
+  assert s["lowrank"] == "adapter" and "base + adapter" in s["check"][1]
+
+
+def test_per_layer_ranks_go_to_rank_pattern(tmp_path):
+  model = tiny_lm(rank=4, ranks={"layers.1.mlp.down_proj": 2, "layers.0.self_attn.k_proj": 0})
+  s = ex.export(model, tmp_path / "r", format="ct")
+  cfg = _json(tmp_path / "r" / "adapter" / "adapter_config.json")
+  assert cfg["r"] == 4 and cfg["rank_pattern"] == {r"model\.layers\.1\.mlp\.down_proj": 2}
+  assert cfg["alpha_pattern"] == cfg["rank_pattern"]  # scaling 1 everywhere
+  assert "model.layers.0.self_attn.k_proj" not in cfg["target_modules"] and len(cfg["target_modules"]) == 13
+  assert "base + adapter" in s["check"][1]  # peft applied the per-layer ranks as we computed them
+
+
+def test_a_failing_self_check_leaves_no_folder(qlm, tmp_path, monkeypatch):
+  real = formats.ct_tensors
+
+  def corrupt(site, dtype):
+    t = real(site, dtype)
+    key = f"{site.hf}.weight_packed"
+    t[key] = t[key].copy()
+    t[key][0, 0] ^= 1  # one bit of one code
+    return t
+  monkeypatch.setattr(formats, "ct_tensors", corrupt)
+  with pytest.raises(check_lib.ExportCheckError, match="codes: 1 of 4096 values differ"):
+    ex.export(qlm, tmp_path / "bad", format="ct")
+  assert os.listdir(tmp_path) == []  # neither the folder nor its temporary
+
+
+def test_refusals_name_the_fix(qlm, qvit, tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="ct or --format dense"):
+    ex.export(qvit, tmp_path / "a", format="gptq")
+  with pytest.raises(ValueError, match="cannot absorb L R"):
+    ex.export(qlm, tmp_path / "a", format="ct", merge_adapter=True)
+  with pytest.raises(ValueError, match="choose one of ct, gptq, dense"):
+    ex.export(qlm, tmp_path / "a", format="awq")
+  with pytest.raises(ValueError, match="one .bits, group size, symmetric. per checkpoint"):
+    ex.export(_mixed_bits(), tmp_path / "a", format="gptq")
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_text("mine")
+  with pytest.raises(FileExistsError, match="not empty"):
+    ex.export(qlm, tmp_path / "full", format="gptq")
+  monkeypatch.setattr(check_lib, "missing_reload_packages", lambda: ["peft~=0.21.2"])
+  with pytest.raises(ValueError, match=r"pip install 'gilora_jax\[export\]'.*--no-check"):
+    ex.export(qlm, tmp_path / "a", format="ct")
+  assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+def _mixed_bits():
+  model = tiny_lm()
+  other = tiny_lm(bits=8, seed=5)
+  nn.set_path(model, "layers.0.mlp.up_proj", nn.get_path(other, "layers.0.mlp.up_proj"))
+  return model
+
+
+def test_float_and_unknown_inputs_are_refused(tmp_path, lm_folder):
+  with pytest.raises(ValueError, match="neither a gilora checkpoint"):
+    ex.export(lm_folder, tmp_path / "a", format="ct")
