@@ -129,7 +129,7 @@ class QuantizedLinear(nnx.Module):
     """JSON description of this layer's shapes and grid: what `empty` needs to rebuild it (see ckpt.py)."""
     return {"d_in": self.in_features, "d_out": self.out_features, "rank": self.rank,
             "use_bias": self.bias is not None,
-            "bias_dtype": None if self.bias is None else str(np.dtype(self.bias[...].dtype)), "dtype": self.dtype,
+            "bias_dtype": None if self.bias is None else str(np.dtype(self.bias.get_value().dtype)), "dtype": self.dtype,
             "grid": {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": self.grid.symmetric,
                      "shrink": self.grid.shrink, "mse": self.grid.mse}}
 

@@ -158,6 +158,11 @@ def _block_stats_forward(graphdef, state, x, mask, stats):
   return y, calib_lib.accumulate(stats, taps, mask)
 
 
+def _abstract(module: nnx.Module) -> bool:
+  """True when some weight of `module` is only a shape (an `nnx.eval_shape` model)."""
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(module)))
+
+
 def _calibrate(block: nnx.Module, xs: list[jax.Array], masks: Sequence[Any], d_in: dict[str, int],
                forward: bool) -> dict[str, hessian.HessianStats]:
   """The block's Hessians over every batch; with `forward`, each batch's activations replaced by the block's
@@ -224,7 +229,10 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     stream: streaming: an object whose `load(path)` reads the weights of the sub-module at `path`
       (`convert.LazyHF(folder)`); `model`'s blocks may then be abstract (`stream.load(skip="layers")`: only the
       embeddings, norms and head hold weights). Each block is read when its turn comes, so one block's float
-      weights are resident at a time; the result is the same as from the loaded model.
+      weights are resident at a time; the result is the same as from the loaded model. `model` may also be
+      wholly abstract (`stream.abstract`): the weights outside the blocks are then read for the embedding pass
+      and dropped after it, and the returned model holds only their shapes (`gilora quantize` wrote them to
+      disk first).
     mesh: run on the devices of a `jax.sharding.Mesh` with axes ("data", "model") (`sharding.make_mesh`):
       activations data-parallel, weights split over "model", each layer's math split over its output columns
       (`gilora_jax.sharding` says where everything lives). Every batch's rows must divide over "data". The
@@ -271,6 +279,9 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   masks = [None if b.mask is None else put_batch(np.asarray(b.mask, bool)) for b in calib]
   shell = clone(model)
   shell.layers = nnx.List([])  # the model without its blocks: what embedding needs (the blocks may be abstract)
+  if stream is not None and _abstract(shell):  # read for the embedding pass only, dropped after it
+    shell = stream.load(skip="layers")
+    shell.layers = nnx.List([])
   lap("read")
   graphdef, state = nnx.split(on_mesh(shell))
   xs = jax.block_until_ready([_embed(graphdef, state, put_batch(np.asarray(b.inputs))) for b in calib])

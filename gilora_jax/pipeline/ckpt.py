@@ -137,17 +137,19 @@ def write_folder(final: str, tree: Any, info: dict[str, Any], files: dict[str, s
   """Atomically writes the folder `final`: `tree` (a pure dict of arrays) by orbax into `state/`, the extra
   `files`, then `INFO_FILE` holding `info` with the manifest of every other file and a checksum of itself, in a
   hidden temporary sibling renamed into place at the end. An existing `final` is replaced only after the new
-  folder is complete (callers decide whether it may be: `check_replaceable`)."""
+  folder is complete (callers decide whether it may be: `check_replaceable`). `tree=None`: no orbax write here
+  (`before_manifest` puts `state/` in, e.g. linked from a folder written earlier)."""
   json.dumps(info)  # fail on non-JSON meta before writing anything
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
   tmp = files_lib.make_temp_dir(parent, f".{os.path.basename(final)}.tmp-")
   try:
-    if jax.process_count() > 1:  # orbax takes a process-local jax.Array for a shard of a global one: give it NumPy
-      tree = jax.tree.map(np.asarray, tree)
-    with _checkpointer() as checkpointer:
-      checkpointer.save(os.path.join(tmp, STATE_DIR), tree)
-      checkpointer.wait_until_finished()
+    if tree is not None:
+      if jax.process_count() > 1:  # orbax takes a process-local jax.Array for a shard of a global one: NumPy
+        tree = jax.tree.map(np.asarray, tree)
+      with _checkpointer() as checkpointer:
+        checkpointer.save(os.path.join(tmp, STATE_DIR), tree)
+        checkpointer.wait_until_finished()
     for name, src in (files or {}).items():
       dst = os.path.join(tmp, name)
       if isinstance(src, bytes):
@@ -282,11 +284,14 @@ def block_name(i: int) -> str:
 
 
 def save_assembled(path: str | os.PathLike, model: nnx.Module, block_dirs: list[str], meta: dict[str, Any], *,
-                   overwrite: bool = False, files: dict[str, str | bytes] | None = None) -> str:
+                   overwrite: bool = False, files: dict[str, str | bytes] | None = None,
+                   outside_dir: str | None = None) -> str:
   """Atomically writes `model` as a checkpoint whose blocks are the finished shards `block_dirs` (folders
   written by `write_folder`, block i's state in `block_dirs[i]/state`), hard-linked in (copied across file
-  systems), so no block is serialised again; only the parts outside `model.layers` are written. The shards are
-  left where they are (the caller removes them once this returns). Restores like any checkpoint."""
+  systems), so no block is serialised again; only the parts outside `model.layers` are written, or with
+  `outside_dir` (a `write_folder` folder of the model without its blocks, written earlier) linked in too, and
+  `model` may then hold only shapes. The shards are left where they are (the caller removes them once this
+  returns). Restores like any checkpoint."""
   final = os.path.abspath(os.fspath(path))
   if os.path.exists(final) and not _is_empty_dir(final):
     if not overwrite:
@@ -299,10 +304,12 @@ def save_assembled(path: str | os.PathLike, model: nnx.Module, block_dirs: list[
           "meta": meta, "blocks": len(block_dirs)}
 
   def link_blocks(tmp: str) -> None:
-    for i, src in enumerate(block_dirs):
-      dst = os.path.join(tmp, block_name(i))
-      shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(INFO_FILE))
-  return write_folder(final, nnx.to_pure_dict(nnx.state(shell)), info, files, before_manifest=link_blocks)
+    parts = [(src, block_name(i)) for i, src in enumerate(block_dirs)]
+    for src, name in parts + ([(outside_dir, ".")] if outside_dir is not None else []):
+      shutil.copytree(src, os.path.join(tmp, name), copy_function=_link_or_copy,
+                      ignore=shutil.ignore_patterns(INFO_FILE), dirs_exist_ok=True)
+  tree = None if outside_dir is not None else nnx.to_pure_dict(nnx.state(shell))
+  return write_folder(final, tree, info, files, before_manifest=link_blocks)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -6,6 +6,8 @@
     block_00000/          block 0 once it is quantized: a folder like a checkpoint (`ckpt.write_folder`: orbax
     block_00001/          `state/` of the block, `gilora_ckpt.json` with its quantized sites' specs, its layer
     ...                   records, every file's SHA-256), written atomically when the block is finished
+    outside/              the weights outside the blocks (embeddings, final norm, head), written once at the
+                          start (streaming runs), so the run need not hold them; the output links it in
 
 Finishing block i writes block i only: nothing rewrites a finished block, so the checkpointing cost is one block's
 weights per block (the whole model once in all), not the whole model after every block. Resuming verifies every
@@ -29,6 +31,7 @@ from gilora_jax.pipeline import files as files_lib
 INFO = "gilora_partial.json"
 FORMAT = "gilora_jax.partial/1"
 BLOCK_FORMAT = "gilora_jax.block/1"
+OUTSIDE_FORMAT = "gilora_jax.outside/1"
 
 
 def is_partial(path: str) -> bool:
@@ -51,6 +54,29 @@ def start(partial: str, run: dict[str, Any], quant: dict[str, Any]) -> None:
   files_lib.fsync_dir(partial)
 
 
+def outside_dir(partial: str) -> str:
+  return os.path.join(partial, "outside")
+
+
+def save_outside(partial: str, model: nnx.Module) -> str:
+  """Writes the model's weights outside its blocks (embeddings, final norm, head) once, when the run starts:
+  the run then need not hold them (the output links this folder in, like the block shards)."""
+  shell = nn.clone(model)
+  shell.layers = nnx.List([])
+  return ckpt.write_folder(outside_dir(partial), nnx.to_pure_dict(nnx.state(shell)), {"format": OUTSIDE_FORMAT})
+
+
+def has_outside(partial: str, *, verify: bool, fix: str) -> bool:
+  """True when `save_outside`'s folder is there and whole (metadata checksum; with `verify`, every file)."""
+  folder = outside_dir(partial)
+  if not os.path.isfile(os.path.join(folder, ckpt.INFO_FILE)):
+    return False
+  info = ckpt.read_checked(os.path.join(folder, ckpt.INFO_FILE), {"format"}, (OUTSIDE_FORMAT,), fix)
+  if verify:
+    files_lib.verify(folder, info["files"], fix)
+  return True
+
+
 def read(partial: str, fix: str) -> dict[str, Any]:
   """The run's metadata (`start`), checked."""
   return ckpt.read_checked(os.path.join(partial, INFO), {"format", "run", "quant"}, (FORMAT,), fix)
@@ -68,8 +94,8 @@ def clean(partial: str) -> None:
   """Removes what a killed save left inside `partial`: unfinished shards (`.block_*.tmp-*`), moved-aside ones."""
   import glob  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  for stale in glob.glob(os.path.join(glob.escape(partial), ".block_*.tmp-*")) + glob.glob(
-      os.path.join(glob.escape(partial), ".block_*.old-*")):
+  for stale in [p for pattern in (".block_*.tmp-*", ".block_*.old-*", ".outside.tmp-*", ".outside.old-*")
+                for p in glob.glob(os.path.join(glob.escape(partial), pattern))]:
     shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -81,6 +107,8 @@ def remove(partial: str) -> None:
     return
   for i in range(blocks_done(partial)):
     shutil.rmtree(block_dir(partial, i))
+  if os.path.isfile(os.path.join(outside_dir(partial), ckpt.INFO_FILE)):  # ours: its metadata marks it finished
+    shutil.rmtree(outside_dir(partial))
   os.remove(os.path.join(partial, INFO))
   try:
     os.rmdir(partial)

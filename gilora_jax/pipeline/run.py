@@ -22,7 +22,9 @@ import shutil
 import time
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
+from flax import nnx
 
 from gilora_jax import nn
 from gilora_jax import sharding as sharding_lib
@@ -193,7 +195,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     # Streaming: the embeddings, norms and head now, each block's float weights when its turn comes (one block
     # resident at a time; every tensor's shape was checked against the config from the safetensors headers).
     lazy = convert.LazyHF(folder, param_dtype="stored")  # bf16 weights stay bf16 (computed in float32)
-    skeleton = lazy.load(skip="layers")
+    skeleton = lazy.abstract  # no weight held: blocks are read in turn, the rest only for the embedding pass
     stages["load"] = round(time.perf_counter() - t, 3)
     resume = None
     if done:
@@ -202,14 +204,24 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
       log.info("resuming %s from block %d of %d", partial, done, quant["num_blocks"])
     elif done is None and writer:
       partial_lib.start(partial, run, quant)
+    t_out = time.perf_counter()
+    if writer and not partial_lib.has_outside(partial, verify=verify, fix=fix):
+      # the embeddings, norms and head are written first, while nothing else is in memory: the output links
+      # them in at the end, so the run never holds them beside a block (2.3 GiB of an 8B model in bf16)
+      partial_lib.save_outside(partial, lazy.load(skip="layers"))
+    sharding_lib.barrier("outside written")
+    stages["write_outside"] = round(time.perf_counter() - t_out, 3)
 
     def after_block(i, model, recs):  # one shard per finished block: nothing finished is ever rewritten
       block = model.layers[i] if mesh is None else sharding_lib.gathered(model.layers[i])  # every process
       if writer:
         partial_lib.save_block(partial, i, block, [r._asdict() for r in recs if r.block == i])
       sharding_lib.barrier(f"block {i} written")
+      # the shard on disk is the block from now on (the output links it in): keep only its shapes, so the run's
+      # memory does not grow with the blocks done (36 quantized 8B blocks would hold ~4 GB)
+      model.layers[i] = _shapes_only(model.layers[i])
 
-    stages["restore"] = round(time.perf_counter() - t - stages["load"], 3)
+    stages["restore"] = round(time.perf_counter() - t - stages["load"] - stages["write_outside"], 3)
     t0 = time.perf_counter()
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(skeleton, cal.batches, config, resume=resume, after_block=after_block,
@@ -230,7 +242,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
       # the blocks are the shards just written, linked in: only the embeddings, norms and head are written again
       ckpt.save_assembled(out, result.model,
                           [partial_lib.block_dir(partial, i) for i in range(quant["num_blocks"])], meta,
-                          overwrite=overwrite, files=side)
+                          overwrite=overwrite, files=side, outside_dir=partial_lib.outside_dir(partial))
       partial_lib.remove(partial)  # the finished run supersedes it (only what we wrote there is removed)
       for path in (out, partial):
         _clean_temporaries(path)
@@ -243,6 +255,12 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
           "nsamples": cal.nsamples, "mean_rel_err": float(np.mean(errs)) if errs else None,
           "max_rel_err": float(np.max(errs)) if errs else None, "seconds": round(time.perf_counter() - t_start, 2),
           "resumed_from_block": None if resume is None else resume.blocks_done, "stages": stages}
+
+
+def _shapes_only(module):
+  """`module` with every array replaced by its ShapeDtypeStruct (what `nn.quantized_specs` still reads)."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
 
 
 def _check_partial(partial: str, run: dict, quant: dict, fix: str) -> int | None:

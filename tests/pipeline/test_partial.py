@@ -2,6 +2,7 @@
 a corrupt shard refused, and a resumed run that writes only the blocks it computes."""
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -92,8 +93,15 @@ def test_a_resumed_run_writes_only_the_blocks_it_computes(tmp_path, monkeypatch)
   with pytest.raises(KeyboardInterrupt):
     run.quantize_folder(folder, str(tmp_path / "q"), **kw)
   assert partial_lib.blocks_done(str(tmp_path / "q.partial")) == 1
+  # the weights outside the blocks were written first (the run does not hold them), and are not written again
+  assert partial_lib.has_outside(str(tmp_path / "q.partial"), verify=True, fix="")
+  outside = pathlib.Path(partial_lib.outside_dir(str(tmp_path / "q.partial")))
+  outside_inodes = {p.stat().st_ino for p in outside.rglob("*") if p.is_file() and p.name != ckpt.INFO_FILE}
+  monkeypatch.setattr(partial_lib, "save_outside", lambda *a: pytest.fail("the outside weights written twice"))
   summary = run.quantize_folder(folder, str(tmp_path / "q"), **kw)
   assert summary["resumed_from_block"] == 1 and written == [0, 1, 2]
+  out_inodes = {p.stat().st_ino for p in (tmp_path / "q").rglob("*") if p.is_file()}
+  assert outside_inodes and outside_inodes <= out_inodes  # linked into the output, not serialised again
   assert not os.path.exists(tmp_path / "q.partial")
   calib = data.lm_calibration(data.load_tokenizer(folder), data.load_text(os.path.join(folder, "calib.txt")), 4, 32,
                               2, 0)
