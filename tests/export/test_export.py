@@ -71,18 +71,22 @@ def test_ct_qwen3_reloads_in_transformers_and_peft_and_imports_back(qlm, lm_ct):
   qc = _json(os.path.join(folder, "config.json"))["quantization_config"]
   assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"] and "scale_dtype" not in str(qc)
   t = load_file(os.path.join(folder, "model.safetensors"))
-  q = "model.layers.0.self_attn.q_proj"
-  assert t[f"{q}.weight_packed"].dtype == np.int32 and t[f"{q}.weight_packed"].shape == (64, 64 * 4 // 32)
-  assert t[f"{q}.weight_scale"].shape == (64, 2) and t[f"{q}.weight_zero_point"].shape == (64 * 4 // 32, 2)
-  assert t[f"{q}.weight_shape"].tolist() == [64, 64] and f"{q}.weight" not in t and "lm_head.weight" in t
+  q = "model.layers.0.self_attn.k_proj"  # 64 -> 32: weight (d_out, d_in) = (32, 64)
+  assert t[f"{q}.weight_packed"].dtype == np.int32 and t[f"{q}.weight_packed"].shape == (32, 64 * 4 // 32)
+  assert t[f"{q}.weight_scale"].shape == (32, 2) and t[f"{q}.weight_zero_point"].shape == (32 * 4 // 32, 2)
+  assert t[f"{q}.weight_shape"].tolist() == [32, 64] and f"{q}.weight" not in t and "lm_head.weight" in t
+  d = "model.layers.1.mlp.down_proj"  # 96 -> 64, three groups of 32 along d_in
+  assert t[f"{d}.weight_packed"].shape == (64, 96 * 4 // 32) and t[f"{d}.weight_scale"].shape == (64, 3)
+  assert t[f"{d}.weight_zero_point"].shape == (64 * 4 // 32, 3) and t[f"{d}.weight_shape"].tolist() == [64, 96]
   for name in ("tokenizer.json",):  # no side files from an in-memory model
     assert not os.path.exists(os.path.join(folder, name))
   cfg = _json(os.path.join(folder, "adapter", "adapter_config.json"))
   assert cfg["r"] == cfg["lora_alpha"] == 4 and not cfg["use_dora"] and not cfg["use_rslora"]
   assert cfg["modules_to_save"] is None and cfg["rank_pattern"] == {}
   a = load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
-  assert a[f"base_model.model.{q}.lora_A.weight"].shape == (4, 64)
-  assert a[f"base_model.model.{q}.lora_B.weight"].shape == (64, 4)
+  assert a[f"base_model.model.{q}.lora_A.weight"].shape == (4, 64)  # (r, d_in)
+  assert a[f"base_model.model.{q}.lora_B.weight"].shape == (32, 4)  # (d_out, r)
+  assert a[f"base_model.model.{d}.lora_A.weight"].shape == (4, 96)
   imported = gj.load_model(folder)
   _same_quantized(imported, qlm, "float32", "float32")
   ids = check_lib.inputs(qlm)
@@ -108,10 +112,13 @@ def test_gptq_tensors_configs_and_import(qlm, lm_ct, lm_gptq):
                                                                                                  "gptq_v2")
   t, c = load_file(os.path.join(folder, "model.safetensors")), load_file(os.path.join(lm_ct["out"],
                                                                                      "model.safetensors"))
-  q = "model.layers.1.mlp.down_proj"
-  assert t[f"{q}.qweight"].shape == (64 * 4 // 32, 64) and t[f"{q}.qzeros"].shape == (2, 64 * 4 // 32)
+  q = "model.layers.1.mlp.down_proj"  # 96 -> 64
+  assert t[f"{q}.qweight"].shape == (96 * 4 // 32, 64) and t[f"{q}.qzeros"].shape == (3, 64 * 4 // 32)
   np.testing.assert_array_equal(t[f"{q}.qweight"], c[f"{q}.weight_packed"].T)  # one bitstream, two orientations
-  np.testing.assert_array_equal(t[f"{q}.g_idx"], np.arange(64) // 32)
+  np.testing.assert_array_equal(t[f"{q}.g_idx"], np.arange(96) // 32)
+  k = "model.layers.0.self_attn.v_proj"  # 64 -> 32
+  assert t[f"{k}.qweight"].shape == (64 * 4 // 32, 32) and t[f"{k}.qzeros"].shape == (2, 32 * 4 // 32)
+  assert t[f"{k}.scales"].shape == (2, 32) and t["model.layers.0.mlp.up_proj.qweight"].shape == (8, 96)
   assert t[f"{q}.scales"].dtype == np.float16 and t["model.embed_tokens.weight"].dtype == np.float16
   _same_quantized(gj.load_model(folder), qlm, "float16", "float16")
 
@@ -158,6 +165,9 @@ def test_deit_ct_bf16_and_dense_reload(qvit, vit_ct, out):
   q = "deit.encoder.layer.0.attention.attention.query"
   assert t[f"{q}.weight_scale"].dtype.name == "bfloat16" and t[f"{q}.weight_scale"].shape == (64, 1)
   assert f"{q}.weight_zero_point" not in t and t[f"{q}.bias"].dtype.name == "bfloat16"  # symmetric: no zeros
+  up, down = "deit.encoder.layer.1.intermediate.dense", "deit.encoder.layer.1.output.dense"  # 64 -> 96 -> 64
+  assert t[f"{up}.weight_packed"].shape == (96, 64 * 3 // 32) and t[f"{up}.weight_shape"].tolist() == [96, 64]
+  assert t[f"{down}.weight_packed"].shape == (64, 96 * 3 // 32) and t[f"{down}.weight_scale"].shape == (64, 1)
   _same_quantized(gj.load_model(vit_ct["out"]), qvit, "bfloat16", "bfloat16")
   s = ex.export(qvit, out / "vit_dense", format="dense", adapter=True)  # dense Q plus the adapter
   assert s["lowrank"] == "adapter" and "base + adapter" in s["check"][1]
