@@ -3,7 +3,9 @@ reload), the tensors and configs EXPORT_FORMATS.md specifies, import back, and t
 import json
 import os
 
+import compressed_tensors  # noqa: F401  pylint: disable=unused-import  (the test extra pins it: missing must fail)
 import numpy as np
+import peft  # noqa: F401  pylint: disable=unused-import
 import pytest
 from safetensors.numpy import load_file
 
@@ -14,9 +16,6 @@ from gilora_jax.export import check as check_lib
 from gilora_jax.export import formats, packing
 
 from .conftest import tiny_lm, tiny_vit
-
-pytest.importorskip("compressed_tensors")
-pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")

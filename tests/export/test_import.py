@@ -2,16 +2,14 @@
 reader is checked against the format's authors rather than against our writer."""
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import gilora_jax as gj
 from gilora_jax import nn
 from gilora_jax.models import qwen3
 
 from .conftest import EXPORT_LM_CONFIG as LM_CONFIG  # non-square: k/v 64→32, MLP 64→96→64
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-ct = pytest.importorskip("compressed_tensors")
 
 
 def _ct_quantized_folder(folder, symmetric, bits, group_size):

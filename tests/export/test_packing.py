@@ -1,6 +1,8 @@
 """The int32 bit packing shared by GPTQ and compressed-tensors: inverses, golden words, the 3-bit layout, zeros."""
 import numpy as np
 import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized import helpers as ct_helpers
 
 from gilora_jax.export import packing
 
@@ -79,8 +81,6 @@ def test_v1_decoder_undoes_gptqmodels_word_subtract(bits):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_matches_the_compressed_tensors_packer(bits):
-  torch = pytest.importorskip("torch")
-  ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
   codes = np.random.default_rng(bits).integers(0, 1 << bits, size=(64, 96))  # C (d_in, d_out)
   signed = torch.tensor(codes.T - (1 << (bits - 1)), dtype=torch.int8)  # CT packs q − 2^(b−1) of (d_out, d_in)
   theirs = ct_helpers.pack_to_int32(signed, bits).numpy()
