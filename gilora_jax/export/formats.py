@@ -209,15 +209,20 @@ def ct_kernel_notes(all_sites: list[Site]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ GPTQ
 
 
+def check_gptq_format(requested: str | None) -> None:
+  """Refuses a `gptq_format` that is none of None/"auto", "v1", "v2"."""
+  if requested not in (None, "auto", "v1", "v2"):
+    raise ValueError(f"gptq_format={requested!r}: use 'v1' (checkpoint_format gptq, stored z − 1), 'v2' "
+                     f"(gptq_v2, stored z) or leave it unset (v1 for symmetric grids, v2 for asymmetric).")
+
+
 def gptq_zero_format(all_sites: list[Site], requested: str | None) -> str:
   """v1 (`"gptq"`) for symmetric grids, v2 (`"gptq_v2"`) for asymmetric; `requested="v1"` on an asymmetric model
   only when no zero is 0, else a ValueError giving the count."""
+  check_gptq_format(requested)
   symmetric = all(s.grid.symmetric for s in all_sites)
   if requested in (None, "auto"):
     return packing.V1 if symmetric else packing.V2
-  if requested not in ("v1", "v2"):
-    raise ValueError(f"gptq_format={requested!r}: use 'v1' (checkpoint_format gptq, stored z − 1), 'v2' "
-                     f"(gptq_v2, stored z) or leave it unset (v1 for symmetric grids, v2 for asymmetric).")
   if requested == "v1":
     zero = sum(int(np.count_nonzero(s.int_zeros() == 0)) for s in all_sites)
     total = sum(s.zeros.size for s in all_sites)
@@ -253,13 +258,20 @@ def gptq_config(site: Site, zero_format: str, meta: dict[str, Any]) -> dict[str,
           "meta": meta}
 
 
+def gptq_architecture_problem(architecture: str) -> str | None:
+  """Why a model of `architecture` cannot be written as GPTQ (None when it can)."""
+  if architecture != qwen3.ARCHITECTURE:
+    return (f"{architecture} cannot be exported as GPTQ: transformers loads GPTQ only for text models ('We can only "
+            f"quantize pure text model'); use --format ct or --format dense.")
+  return None
+
+
 def gptq_requirements(model: nnx.Module, all_sites: list[Site], linears: list[str]) -> list[str]:
   """Why these sites cannot be written as one GPTQ checkpoint (empty when they can)."""
+  problem = gptq_architecture_problem(model.config.architecture)
+  if problem:
+    return [problem]
   problems = []
-  if model.config.architecture != qwen3.ARCHITECTURE:
-    problems.append(f"{model.config.architecture} cannot be exported as GPTQ: transformers loads GPTQ only for "
-                    f"text models ('We can only quantize pure text model'); use --format ct or --format dense.")
-    return problems
   schemes = {_scheme_key(s) for s in all_sites}
   if len(schemes) > 1:
     problems.append(f"GPTQ holds one (bits, group size, symmetric) per checkpoint; these layers use {len(schemes)}: "

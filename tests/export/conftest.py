@@ -5,11 +5,14 @@ The models are not square: tests/pipeline/tiny.py's configs make every linear 64
 stages compile once), which would let a swapped (d_in, d_out) anywhere in a format (weight_shape, the reader's
 shapes, GPTQ's packed axes) pass unnoticed. Here the MLPs are 64→96→64 and Qwen3's k/v are 64→32 (2 KV heads).
 """
+import os
+
 import numpy as np
 import pytest
 
-from gilora_jax import nn
+from gilora_jax import config, nn
 from gilora_jax.models import deit, quant_sites, qwen3
+from gilora_jax.pipeline import ckpt, run
 from gilora_jax.quant.grid import GridSpec
 from tests.pipeline.tiny import LM_CONFIG, VIT_CONFIG, random_model
 
@@ -50,6 +53,15 @@ def tiny_lm(**kw):
 
 def tiny_vit(**kw):
   return quantize_randomly(random_model(deit.DeiT, deit.ModelConfig(**EXPORT_VIT_CONFIG), seed=2), **kw)
+
+
+def save_checkpoint(model, path, source=None):
+  """`model` saved as `gilora quantize` leaves it (the source's side files and `meta["source"]`), without a run."""
+  side = {} if source is None else {n: os.path.join(source, n) for n in run.SIDE_FILES
+                                    if os.path.isfile(os.path.join(source, n))}
+  quant = {"config": config.QuantConfig().to_json(), "blocks_done": 2, "num_blocks": 2}
+  ckpt.save_quantized(str(path), model, quant, [], files=side, extra_meta={} if source is None else {"source": source})
+  return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,12 @@ import gilora_jax as gj
 from gilora_jax import export as ex
 from gilora_jax import nn
 from gilora_jax.export import check as check_lib
-from gilora_jax.export import formats, packing
+from gilora_jax.export import formats, packing, reader
+from gilora_jax.models import convert
+from gilora_jax.pipeline import ckpt
+from gilora_jax.pipeline import files as files_lib
 
-from .conftest import tiny_lm, tiny_vit
+from .conftest import save_checkpoint, tiny_lm, tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +217,48 @@ def test_refusals_name_the_fix(qlm, qvit, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"pip install 'gilora_jax\[export\]'.*--no-check"):
     ex.export(qlm, tmp_path / "a", format="ct")
   assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(qlm, qvit, out):
+  return {"lm": save_checkpoint(qlm, out / "lm_ckpt"), "vit": save_checkpoint(qvit, out / "vit_ckpt")}
+
+
+def _never(*args, **kwargs):
+  raise AssertionError("reached a step that a refusal should have come before")
+
+
+def test_refusals_come_before_the_source_is_read(checkpoints, lm_ct, tmp_path, monkeypatch):
+  """A bad destination, argument or architecture is refused from the metadata alone: restoring a checkpoint hashes
+  every file and reads every weight, which on an 8B model is minutes spent before a one-line refusal."""
+  monkeypatch.setattr(ckpt, "restore_model", _never)
+  monkeypatch.setattr(reader, "load", _never)
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_text("mine")
+  for src in (checkpoints["lm"], lm_ct["out"]):  # a gilora checkpoint, and a ct folder read back
+    with pytest.raises(FileExistsError, match="not empty"):
+      ex.export(src, tmp_path / "full", format="ct")
+    with pytest.raises(ValueError, match="dtype='float64': choose one of"):
+      ex.export(src, tmp_path / "a", format="dense", dtype="float64")
+    with pytest.raises(ValueError, match="GPTQ checkpoints are float16"):
+      ex.export(src, tmp_path / "a", format="gptq", dtype="bfloat16")
+    with pytest.raises(ValueError, match="gptq_format='v3'"):
+      ex.export(src, tmp_path / "a", format="gptq", gptq_format="v3")
+  with pytest.raises(ValueError, match="DeiTForImageClassificationWithTeacher cannot be exported as GPTQ"):
+    ex.export(checkpoints["vit"], tmp_path / "a", format="gptq")
+  assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+def test_an_adapter_that_overflows_float16_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  model = tiny_lm(seed=4)
+  lin = nn.get_path(model, "layers.1.mlp.up_proj")
+  lin.L[...] = lin.L[...] * 1e7  # L R ~ 3e11: no balancing fits it in float16
+  lin.R[...] = lin.R[...] * 1e7
+  monkeypatch.setattr(files_lib, "make_temp_dir", _never)
+  monkeypatch.setattr(convert, "write_safetensors", _never)
+  with pytest.raises(ValueError, match="up_proj low-rank factors.*overflow float16"):
+    ex.export(model, tmp_path / "a", format="ct", dtype="float16", check=False)
+  assert not os.listdir(tmp_path)
 
 
 def _mixed_bits():
