@@ -316,13 +316,26 @@ def adapter_name(architecture: str, name: str) -> str:
   return module_names(architecture, name)[-1]
 
 
+def adapter_rank(all_sites: list[Site]) -> int:
+  """The adapter's one `r`: the largest rank (smaller ones are zero-padded to it, `padded`)."""
+  return max((s.rank for s in all_sites), default=0)
+
+
+def padded(L: np.ndarray, R: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+  """`L (d_in, k)`, `R (k, d_out)` with zero columns / rows up to rank `r`: the same product `L R`, exactly."""
+  k = L.shape[1]
+  return np.pad(L, [(0, 0), (0, r - k)]), np.pad(R, [(0, r - k), (0, 0)])
+
+
 def adapter_tensors(architecture: str, all_sites: list[Site], dtype: str) -> dict[str, np.ndarray]:
   """`lora_A.weight = Lᵀ (r, d_in)`, `lora_B.weight = Rᵀ (d_out, r)` under PEFT's `base_model.model.` prefix,
-  from the balanced factors (`adapter_factors`)."""
+  from the balanced factors (`adapter_factors`), zero-padded to the one rank `adapter_rank` (vLLM reads `r` alone
+  and ignores `rank_pattern`, so a layer of a larger rank than `r` would not load there)."""
   out = {}
+  r = adapter_rank(all_sites)
   for s in all_sites:
     if s.rank:
-      L, R = adapter_factors(s, dtype)  # already on the dtype's grid: the cast below is exact
+      L, R = padded(*adapter_factors(s, dtype), r)  # already on the dtype's grid: the cast below is exact
       key = f"{PEFT_PREFIX}{adapter_name(architecture, s.hf)}"
       out[f"{key}.lora_A.weight"] = np.ascontiguousarray(L.T).astype(NUMPY_DTYPES[dtype])
       out[f"{key}.lora_B.weight"] = np.ascontiguousarray(R.T).astype(NUMPY_DTYPES[dtype])
@@ -331,12 +344,11 @@ def adapter_tensors(architecture: str, all_sites: list[Site], dtype: str) -> dic
 
 def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str], base: str,
                    peft_version: str | None) -> dict[str, Any]:
-  """PEFT `adapter_config.json` (EXPORT_FORMATS.md §4.1): scaling exactly 1 (`lora_alpha = r`, per layer through
-  `rank_pattern`/`alpha_pattern` when ranks differ), no DoRA/rsLoRA, no `modules_to_save`."""
+  """PEFT `adapter_config.json` (EXPORT_FORMATS.md §4.1): one rank `r` for every layer (`adapter_tensors` pads the
+  smaller ones), scaling exactly 1 (`lora_alpha = r`), so no `rank_pattern`/`alpha_pattern`, which vLLM ignores;
+  no DoRA/rsLoRA, no `modules_to_save`."""
   adapted = [s for s in all_sites if s.rank]
-  ranks = [s.rank for s in adapted]
-  r = max(set(ranks), key=ranks.count)
-  others = {adapter_name(model.config.architecture, s.hf): s.rank for s in adapted if s.rank != r}
+  r = adapter_rank(adapted)
   # Short names (q_proj, ..., dense) when they pick exactly the adapted linears; else the full module names.
   arch = model.config.architecture
   shorts = sorted({s.short for s in adapted})
@@ -345,8 +357,7 @@ def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str],
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.architecture == qwen3.ARCHITECTURE else None,
           "r": r, "lora_alpha": r, "lora_dropout": 0.0,
           "target_modules": names,
-          "rank_pattern": {re.escape(k): v for k, v in others.items()},
-          "alpha_pattern": {re.escape(k): v for k, v in others.items()},
+          "rank_pattern": {}, "alpha_pattern": {},
           "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
           "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base,
           "peft_version": peft_version}

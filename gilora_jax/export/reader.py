@@ -126,8 +126,12 @@ def decode_gptq(tensors: dict[str, np.ndarray], name: str, qc: dict[str, Any], w
 # ------------------------------------------------------------------------------------------------ adapter
 
 
-def read_adapter(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{HF module name: (L (d_in, r), R (r, d_out))} of a PEFT LoRA folder, with its scaling folded into R."""
+def read_adapter(folder: str, trim: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{HF module name: (L (d_in, r), R (r, d_out))} of a PEFT LoRA folder, with its scaling folded into R.
+
+  `trim`: drop trailing rank-1 terms whose column of L and row of R are both zero (exact: `gilora export` pads
+  every layer to the adapter's one `r`), so that a layer reads back at its own rank.
+  """
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
     cfg = json.load(f)
@@ -146,7 +150,12 @@ def read_adapter(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
       return next((v for p, v in (cfg.get(field) or {}).items() if re.match(rf"(.*\.)?({p})$", name)), default)
     r, alpha = pattern("rank_pattern", cfg["r"]), pattern("alpha_pattern", cfg["lora_alpha"])
     scaling = alpha / (np.sqrt(r) if cfg.get("use_rslora") else r)
-    out[name] = (A.astype(np.float32).T, (B.astype(np.float32) * np.float32(scaling)).T)
+    L, R = A.astype(np.float32).T, (B.astype(np.float32) * np.float32(scaling)).T
+    if trim:
+      used = np.flatnonzero(np.any(L != 0, axis=0) | np.any(R != 0, axis=1))
+      k = 0 if used.size == 0 else int(used[-1]) + 1
+      L, R = L[:, :k], R[:k]
+    out[name] = (L, R)
   return out
 
 

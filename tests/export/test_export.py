@@ -175,14 +175,24 @@ def test_deit_ct_bf16_and_dense_reload(qvit, vit_ct, out):
   assert s["lowrank"] == "adapter" and "base + adapter" in s["check"][1]
 
 
-def test_per_layer_ranks_go_to_rank_pattern(tmp_path):
-  model = tiny_lm(rank=4, ranks={"layers.1.mlp.down_proj": 2, "layers.0.self_attn.k_proj": 0})
+def test_per_layer_ranks_are_zero_padded_to_one_r(tmp_path):
+  """vLLM reads `r` alone (it ignores rank_pattern), so every layer is padded with zero rank-1 terms to the largest
+  rank, which adds nothing to L R; lora_alpha = r keeps the scaling 1."""
+  ranks = {"layers.1.mlp.down_proj": 2, "layers.0.self_attn.k_proj": 0, "layers.0.self_attn.q_proj": 6}
+  model = tiny_lm(rank=4, ranks=ranks)  # 4 is the most common rank, 6 the largest
   s = ex.export(model, tmp_path / "r", format="ct")
   cfg = _json(tmp_path / "r" / "adapter" / "adapter_config.json")
-  assert cfg["r"] == 4 and cfg["rank_pattern"] == {r"model\.layers\.1\.mlp\.down_proj": 2}
-  assert cfg["alpha_pattern"] == cfg["rank_pattern"]  # scaling 1 everywhere
+  assert cfg["r"] == cfg["lora_alpha"] == 6 and cfg["rank_pattern"] == cfg["alpha_pattern"] == {}
   assert "model.layers.0.self_attn.k_proj" not in cfg["target_modules"] and len(cfg["target_modules"]) == 13
-  assert "base + adapter" in s["check"][1]  # peft applied the per-layer ranks as we computed them
+  a = load_file(str(tmp_path / "r" / "adapter" / "adapter_model.safetensors"))
+  assert {v.shape[0] for k, v in a.items() if k.endswith("lora_A.weight")} == {6}
+  assert {v.shape[1] for k, v in a.items() if k.endswith("lora_B.weight")} == {6}
+  down = "base_model.model.model.layers.1.mlp.down_proj"
+  assert not a[f"{down}.lora_A.weight"][2:].any() and not a[f"{down}.lora_B.weight"][:, 2:].any()
+  assert "base + adapter" in s["check"][1]  # peft applied the padded factors: the same L R
+  imported = _sites(gj.load_model(str(tmp_path / "r")))  # the padding is trimmed: every layer at its own rank
+  assert {p: imported[p].rank for p in ranks} == {p: r for p, r in ranks.items()}
+  assert imported["layers.1.mlp.up_proj"].rank == 4
 
 
 def test_a_failing_self_check_leaves_no_folder(qlm, tmp_path, monkeypatch):
