@@ -2,6 +2,7 @@
 reload), the tensors and configs EXPORT_FORMATS.md specifies, import back, and the refusals."""
 import json
 import os
+import shutil
 
 import compressed_tensors  # noqa: F401  pylint: disable=unused-import  (the test extra pins it: missing must fail)
 import numpy as np
@@ -147,6 +148,67 @@ def test_gptq_v1_on_an_asymmetric_model_is_refused_with_the_count_of_zero_points
     nn.get_path(safe, s.path).zeros[...] = np.maximum(s.zeros, 1.0)
   assert ex.export(safe, tmp_path / "v1", format="gptq", gptq_format="v1")["gptq_format"] == packing.V1
   _same_quantized(gj.load_model(str(tmp_path / "v1")), safe, "float16")
+
+
+def _rewrite_json(path, **changes):
+  obj = _json(path)
+  for k, v in changes.items():
+    if v is None:
+      obj.pop(k, None)
+    else:
+      obj[k] = v
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f)
+
+
+def _relabel_gptq(folder, **changes):
+  """The same changes in both GPTQ configs (config.json's quantization_config and quantize_config.json)."""
+  config = _json(os.path.join(folder, "config.json"))
+  _rewrite_json(os.path.join(folder, "config.json"), quantization_config={**config["quantization_config"], **changes})
+  _rewrite_json(os.path.join(folder, "quantize_config.json"), **changes)
+
+
+def test_gptq_sym_zeros_must_be_the_midpoint_and_the_v2_as_v1_mislabel_is_named(lm_gptq, tmp_path):
+  """EXPORT_FORMATS.md §2.3's trap: v2 zeros (8) under checkpoint_format "gptq" decode to 9 and, unchecked, load
+  into a model that is wrong everywhere."""
+  model = tiny_lm(bits=4, group_size=None, symmetric=True, rank=0)
+  folder = str(tmp_path / "sym_v2")
+  ex.export(model, folder, format="gptq", gptq_format="v2")
+  _same_quantized(gj.load_model(folder), model, "float16")  # labelled as written: fine
+  _relabel_gptq(folder, checkpoint_format="gptq", format="gptq")  # the mislabel
+  with pytest.raises(ValueError, match=r"every zero decodes to 9, not 2\^\(b-1\) = 8.*v2 zeros .z. under "
+                                       r"checkpoint_format 'gptq'.*set \"checkpoint_format\" and \"format\" to "
+                                       r"\"gptq_v2\"") as e:
+    gj.load_model(folder)
+  assert len(str(e.value).splitlines()) == 1
+  asym = str(tmp_path / "asym")
+  shutil.copytree(lm_gptq["out"], asym)
+  _relabel_gptq(asym, sym=True)  # asymmetric zeros labelled symmetric
+  with pytest.raises(ValueError, match=r"sym is true but \d+ of \d+ zeros decode to something other than"):
+    gj.load_model(asym)
+
+
+def test_an_autogptq_folder_with_only_quantize_config_json_loads(qlm, lm_gptq, tmp_path):
+  """AutoGPTQ wrote quantize_config.json (no quant_method, sometimes) and no config.json quantization_config, and
+  named its weights file after model_file_base_name."""
+  folder = str(tmp_path / "autogptq")
+  shutil.copytree(lm_gptq["out"], folder, ignore=shutil.ignore_patterns("adapter"))
+  _rewrite_json(os.path.join(folder, "config.json"), quantization_config=None)
+  _rewrite_json(os.path.join(folder, "quantize_config.json"), quant_method=None,
+                model_file_base_name="gptq_model-4bit-32g")
+  os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "gptq_model-4bit-32g.safetensors"))
+  _same_quantized(gj.load_model(folder), qlm, "float16")
+
+
+def test_activation_quantization_in_a_ct_config_is_refused(lm_ct, tmp_path):
+  folder = str(tmp_path / "w4a8")
+  shutil.copytree(lm_ct["out"], folder)
+  config = _json(os.path.join(folder, "config.json"))
+  config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+      "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+  _rewrite_json(os.path.join(folder, "config.json"), **config)
+  with pytest.raises(ValueError, match=r"quantizes activations \(input_activations: 8-bit int.*weight-only"):
+    gj.load_model(folder)
 
 
 def test_dense_qwen3_matches_our_quantized_model_in_float32(qlm, out):
