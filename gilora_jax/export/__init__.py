@@ -171,7 +171,7 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
     lowrank = "drop"  # rank 0 everywhere (rtn, gptq): there is no adapter to write
 
   paths = tuple(s.path for s in sites)
-  tensors = {k: (v.astype(formats.NUMPY_DTYPES[dtype]) if np.issubdtype(v.dtype, np.floating) else v)
+  tensors = {k: (formats.cast(k, v, dtype) if np.issubdtype(v.dtype, np.floating) else v)
              for k, v in convert.hf_tensors(model, skip=paths).items()}
   zero_format = formats.gptq_zero_format(sites, gptq_format) if format == "gptq" else None
   for s in sites:

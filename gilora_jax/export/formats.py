@@ -93,10 +93,25 @@ def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def check_range(name: str, x: np.ndarray, dtype: str) -> None:
-  """Refuses values that overflow `dtype` (float16 tops out at 65504)."""
-  if dtype == "float16" and x.size and np.abs(x).max() > np.finfo(np.float16).max:
-    raise ValueError(f"{name}: |values| up to {np.abs(x).max():.3g} overflow float16 (max 65504), the dtype this "
-                     f"format stores them in; export with --format ct or dense in bfloat16/float32 instead.")
+  """Refuses values that overflow `dtype` (float16 tops out at 65504) or are not finite: an inf written where the
+  model had a large finite value would also pass a bit-for-bit compare against the same cast (inf == inf)."""
+  x = np.asarray(x)
+  if not x.size:
+    return
+  bad = int(np.count_nonzero(~np.isfinite(x)))
+  if bad:
+    raise ValueError(f"{name}: {bad} of {x.size} values are inf or nan; the model itself is broken, so there is "
+                     f"nothing sound to export.")
+  peak, top = float(np.abs(x).max()), float(ml_dtypes.finfo(NUMPY_DTYPES[dtype]).max)
+  if peak > top:
+    raise ValueError(f"{name}: |values| up to {peak:.3g} overflow {dtype} (max {top:.6g}), the dtype this format "
+                     f"stores them in; export with --format ct or dense in bfloat16/float32 instead.")
+
+
+def cast(name: str, x: np.ndarray, dtype: str) -> np.ndarray:
+  """`x` in `dtype` (contiguous), after `check_range`: every float tensor an export writes goes through here."""
+  check_range(name, x, dtype)
+  return np.ascontiguousarray(x).astype(NUMPY_DTYPES[dtype])
 
 
 def balanced(L: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,12 +139,12 @@ def ct_tensors(site: Site, dtype: str) -> dict[str, np.ndarray]:
   """`weight_packed`, `weight_scale`, `weight_shape` (+ `weight_zero_point` when asymmetric, + `bias`)."""
   b, (d_in, d_out) = site.grid.bits, site.shape
   out = {"weight_packed": packing.pack(site.codes.T, b),  # (d_out, ⌈d_in·b/32⌉)
-         "weight_scale": np.ascontiguousarray(site.scales.T).astype(NUMPY_DTYPES[dtype]),  # (d_out, G)
+         "weight_scale": cast(f"{site.hf}.weight_scale", site.scales.T, dtype),  # (d_out, G)
          "weight_shape": np.array([d_out, d_in], np.int64)}
   if not site.grid.symmetric:
     out["weight_zero_point"] = np.ascontiguousarray(packing.pack(site.int_zeros(), b).T)  # (⌈d_out·b/32⌉, G)
   if site.bias is not None:
-    out["bias"] = site.bias.astype(NUMPY_DTYPES[dtype])
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, dtype)
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -240,13 +255,12 @@ def gptq_tensors(site: Site, zero_format: str) -> dict[str, np.ndarray]:
   z = site.int_zeros()
   stored = packing.v1_zeros(z, b) if zero_format == packing.V1 else z
   g = d_in if site.grid.group_size is None else site.grid.group_size
-  check_range(f"{site.hf} scales", site.scales, "float16")
   out = {"qweight": np.ascontiguousarray(packing.pack(site.codes.T, b).T),  # (d_in·b/32, d_out), along d_in
          "qzeros": packing.pack(stored, b),  # (G, d_out·b/32), along d_out
-         "scales": site.scales.astype(np.float16),
+         "scales": cast(f"{site.hf}.scales", site.scales, "float16"),
          "g_idx": (np.arange(d_in) // g).astype(np.int32)}
   if site.bias is not None:
-    out["bias"] = site.bias.astype(np.float16)
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, "float16")
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -300,10 +314,9 @@ def dense_tensors(site: Site, dtype: str, merge: bool) -> dict[str, np.ndarray]:
   W = site.dequantized()
   if merge and site.rank:
     W = W + site.L @ site.R
-  check_range(f"{site.hf} weights", W, dtype)
-  out = {"weight": np.ascontiguousarray(W.T).astype(NUMPY_DTYPES[dtype])}
+  out = {"weight": cast(f"{site.hf}.weight", W.T, dtype)}
   if site.bias is not None:
-    out["bias"] = site.bias.astype(NUMPY_DTYPES[dtype])
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, dtype)
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -337,8 +350,8 @@ def adapter_tensors(architecture: str, all_sites: list[Site], dtype: str) -> dic
     if s.rank:
       L, R = padded(*adapter_factors(s, dtype), r)  # already on the dtype's grid: the cast below is exact
       key = f"{PEFT_PREFIX}{adapter_name(architecture, s.hf)}"
-      out[f"{key}.lora_A.weight"] = np.ascontiguousarray(L.T).astype(NUMPY_DTYPES[dtype])
-      out[f"{key}.lora_B.weight"] = np.ascontiguousarray(R.T).astype(NUMPY_DTYPES[dtype])
+      out[f"{key}.lora_A.weight"] = cast(f"{key}.lora_A.weight", L.T, dtype)
+      out[f"{key}.lora_B.weight"] = cast(f"{key}.lora_B.weight", R.T, dtype)
   return out
 
 

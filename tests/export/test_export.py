@@ -2,6 +2,7 @@
 reload), the tensors and configs EXPORT_FORMATS.md specifies, import back, and the refusals."""
 import json
 import os
+import re
 import shutil
 
 import compressed_tensors  # noqa: F401  pylint: disable=unused-import  (the test extra pins it: missing must fail)
@@ -329,6 +330,22 @@ def test_an_adapter_that_overflows_float16_is_refused_before_anything_is_written
   monkeypatch.setattr(files_lib, "make_temp_dir", _never)
   monkeypatch.setattr(convert, "write_safetensors", _never)
   with pytest.raises(ValueError, match="up_proj low-rank factors.*overflow float16"):
+    ex.export(model, tmp_path / "a", format="ct", dtype="float16", check=False)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight_scale",
+                                   "deit.encoder.layer.0.attention.attention.query.bias"])
+def test_every_float16_cast_is_range_checked(where, tmp_path):
+  """A value past 65504 would be written as inf, and inf == inf passes the bit-for-bit decode check."""
+  model = tiny_vit(bits=4) if where.startswith("deit") else tiny_lm()
+  if where == "model.embed_tokens.weight":
+    model.embed_tokens.embedding[0, 0] = 1e5
+  elif where.endswith("weight_scale"):
+    nn.get_path(model, "layers.0.mlp.up_proj").scales[0, 0] = 1e5
+  else:
+    nn.get_path(model, "layers.0.attention.attention.query").bias[3] = -1e5
+  with pytest.raises(ValueError, match=f"{re.escape(where)}: .values. up to 1e\\+05 overflow float16"):
     ex.export(model, tmp_path / "a", format="ct", dtype="float16", check=False)
   assert not os.listdir(tmp_path)
 
