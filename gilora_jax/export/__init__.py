@@ -214,6 +214,7 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
       if format != "gptq":
         checked.append(check_lib.reload(tmp, format, model, sites, dtype, lowrank, tensors if format == "dense"
                                         else None))
+    _fsync_tree(tmp)  # the folder's content is on disk before its name says it is finished
     if os.path.isdir(final):
       os.rmdir(final)  # empty (checked above)
     os.rename(tmp, final)
@@ -235,8 +236,23 @@ def _write_adapter(path: str, tensors: dict[str, np.ndarray], config: dict[str, 
 
 
 def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
+  from gilora_jax.pipeline import files as files_lib  # pylint: disable=import-outside-toplevel
+  files_lib.write_bytes(path, json.dumps(obj, indent=2).encode("utf-8"))
+
+
+def _fsync_tree(folder: str) -> None:
+  """fsyncs every file under `folder` (safetensors' writer and the side-file copies do not), then every directory
+  bottom-up, as `pipeline.ckpt.write_folder` does before its rename: a crash after the rename must not leave a
+  finished-looking folder with empty or partial files."""
+  from gilora_jax.pipeline import files as files_lib  # pylint: disable=import-outside-toplevel
+  for root, _, names in os.walk(folder, topdown=False):
+    for name in names:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    files_lib.fsync_dir(root)
 
 
 def _version() -> str:

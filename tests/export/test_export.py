@@ -350,6 +350,27 @@ def test_every_float16_cast_is_range_checked(where, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through /proc")
+def test_every_file_and_folder_is_fsynced_before_the_rename(qlm, tmp_path, monkeypatch):
+  real_fsync, real_rename = os.fsync, os.rename
+  synced, unsynced_at_rename = set(), []
+
+  def fsync(fd):
+    synced.add(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+    real_fsync(fd)
+
+  def rename(src, dst):
+    if os.path.basename(src).startswith(".a.tmp-"):
+      src = os.path.realpath(src)
+      written = {src} | {os.path.join(root, n) for root, dirs, names in os.walk(src) for n in dirs + names}
+      unsynced_at_rename.append(sorted(os.path.relpath(p, src) for p in written - synced))
+    real_rename(src, dst)
+  monkeypatch.setattr(os, "fsync", fsync)
+  monkeypatch.setattr(os, "rename", rename)
+  ex.export(qlm, tmp_path / "a", format="ct", check=False)
+  assert unsynced_at_rename == [[]]
+
+
 def _mixed_bits():
   model = tiny_lm()
   other = tiny_lm(bits=8, seed=5)
