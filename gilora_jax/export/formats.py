@@ -253,7 +253,7 @@ def gptq_tensors(site: Site, zero_format: str) -> dict[str, np.ndarray]:
   """`qweight`, `qzeros`, `scales` (fp16), `g_idx` (+ `bias`, fp16) of one linear (EXPORT_FORMATS.md §2.1)."""
   b, (d_in, _) = site.grid.bits, site.shape
   z = site.int_zeros()
-  stored = packing.v1_zeros(z, b) if zero_format == packing.V1 else z
+  stored = packing.v1_zeros(z) if zero_format == packing.V1 else z
   g = d_in if site.grid.group_size is None else site.grid.group_size
   out = {"qweight": np.ascontiguousarray(packing.pack(site.codes.T, b).T),  # (d_in·b/32, d_out), along d_in
          "qzeros": packing.pack(stored, b),  # (G, d_out·b/32), along d_out

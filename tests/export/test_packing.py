@@ -25,7 +25,7 @@ def test_golden_words():
   assert words(packing.pack(np.arange(1, 9), 4)) == ["0x87654321"]
   assert int(packing.pack(np.arange(1, 9), 4)[0]) == -2023406815
   sym = {b: np.full(32, 1 << (b - 1)) for b in (2, 3, 4, 8)}  # symmetric zero points 2^(b-1) over 32 columns
-  v1 = {b: words(packing.pack(packing.v1_zeros(z, b), b)) for b, z in sym.items()}
+  v1 = {b: words(packing.pack(packing.v1_zeros(z), b)) for b, z in sym.items()}
   v2 = {b: words(packing.pack(z, b)) for b, z in sym.items()}
   assert v1[2] == ["0x55555555"] * 2 and v1[4] == ["0x77777777"] * 4 and v1[8] == ["0x7f7f7f7f"] * 8
   assert v1[3] == ["0xdb6db6db", "0xb6db6db6", "0x6db6db6d"]
@@ -57,14 +57,14 @@ def test_pack_refuses_out_of_range_codes_and_unpack_wrong_widths():
 def test_v1_zero_decoders_agree_and_v1_refuses_zero(bits):
   rng = np.random.default_rng(bits)
   z = rng.integers(1, 1 << bits, size=(3, 64))  # every z >= 1: v1 can hold it
-  stored = packing.pack(packing.v1_zeros(z, bits), bits)
+  stored = packing.pack(packing.v1_zeros(z), bits)
   fieldwise = packing.unpack(stored, bits, 64).astype(int) + 1  # vLLM's and AutoGPTQ's rule
   np.testing.assert_array_equal(fieldwise, z)
   np.testing.assert_array_equal(packing.decode_v1_zeros(stored, bits, 64), z)  # GPTQModel's word add
   np.testing.assert_array_equal(packing.unpack(packing.pack(z, bits), bits, 64), z)  # v2 stores z itself
   z[1, 5] = 0
   with pytest.raises(ValueError, match="1 of 192 zero points are 0"):
-    packing.v1_zeros(z, bits)
+    packing.v1_zeros(z)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
