@@ -188,7 +188,7 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
   adapter_files = None
   if lowrank == "adapter":  # built (and range-checked) before anything is written
     adapter_files = (formats.adapter_tensors(model.config.architecture, sites, dtype),
-                     formats.adapter_config(model, sites, linears, final, _peft_version()))
+                     formats.adapter_config(model, sites, linears, os.path.basename(final), _peft_version()))
   side, extra = _side_files(folder)
   config = {**extra, **model.config.to_hf_config(), "dtype": dtype}
   if qc is not None:

@@ -87,6 +87,7 @@ def test_ct_qwen3_reloads_in_transformers_and_peft_and_imports_back(qlm, lm_ct):
   cfg = _json(os.path.join(folder, "adapter", "adapter_config.json"))
   assert cfg["r"] == cfg["lora_alpha"] == 4 and not cfg["use_dora"] and not cfg["use_rslora"]
   assert cfg["modules_to_save"] is None and cfg["rank_pattern"] == {}
+  assert cfg["base_model_name_or_path"] == "lm_ct"  # the folder's name, not a path of this machine
   a = load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
   assert a[f"base_model.model.{q}.lora_A.weight"].shape == (4, 64)  # (r, d_in)
   assert a[f"base_model.model.{q}.lora_B.weight"].shape == (32, 4)  # (d_out, r)
