@@ -80,7 +80,10 @@ def _side_files(folder: str | None) -> tuple[dict[str, str], dict[str, Any]]:
   source = ckpt.read_meta(folder).get("source") if ckpt.is_checkpoint(folder) else folder
   extra = {}
   if source and os.path.isfile(os.path.join(source, "config.json")):
-    extra = {k: v for k, v in hf_config.read_config(source)[0].items() if k != "quantization_config"}
+    # Not the original's quantization_config, nor its torch_dtype: transformers 5 writes `dtype`, which we set to
+    # the folder's dtype, and a stale torch_dtype beside it would say another one.
+    extra = {k: v for k, v in hf_config.read_config(source)[0].items() if k not in ("quantization_config",
+                                                                                   "torch_dtype")}
   return files, extra
 
 

@@ -379,6 +379,18 @@ def _mixed_bits():
   return model
 
 
+def test_the_source_config_keeps_no_stale_torch_dtype(qlm, lm_folder, tmp_path):
+  source = tmp_path / "src"
+  source.mkdir()
+  original = _json(os.path.join(lm_folder, "config.json"))
+  (source / "config.json").write_text(json.dumps({**original, "torch_dtype": "bfloat16", "initializer_range": 0.02}))
+  folder = tmp_path / "g"
+  ex.export(save_checkpoint(qlm, tmp_path / "q", source=str(source)), folder, format="gptq", check=False)
+  config = _json(folder / "config.json")
+  assert config["dtype"] == "float16" and "torch_dtype" not in config
+  assert config["initializer_range"] == 0.02  # the rest of the original's config is kept
+
+
 def test_float_and_unknown_inputs_are_refused(tmp_path, lm_folder):
   with pytest.raises(ValueError, match="neither a gilora checkpoint"):
     ex.export(lm_folder, tmp_path / "a", format="ct")
