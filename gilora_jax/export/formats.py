@@ -357,10 +357,10 @@ def adapter_tensors(architecture: str, all_sites: list[Site], dtype: str) -> dic
 
 def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str], base: str,
                    peft_version: str | None) -> dict[str, Any]:
-  # `base`: the quantized folder's name (EXPORT_FORMATS.md §4.1: a relative path, not one of this machine's).
   """PEFT `adapter_config.json` (EXPORT_FORMATS.md §4.1): one rank `r` for every layer (`adapter_tensors` pads the
   smaller ones), scaling exactly 1 (`lora_alpha = r`), so no `rank_pattern`/`alpha_pattern`, which vLLM ignores;
-  no DoRA/rsLoRA, no `modules_to_save`."""
+  no DoRA/rsLoRA, no `modules_to_save`. `base` (`base_model_name_or_path`) is the quantized folder's name, a
+  relative path, not one of the machine that wrote it."""
   adapted = [s for s in all_sites if s.rank]
   r = adapter_rank(adapted)
   # Short names (q_proj, ..., dense) when they pick exactly the adapted linears; else the full module names.
