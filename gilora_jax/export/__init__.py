@@ -32,20 +32,43 @@ log = logging.getLogger(__name__)
 load = reader.load
 
 
-def _source(model_or_folder, verify: bool) -> tuple[nnx.Module, str | None]:
-  """(the quantized model, the folder it came from or None)."""
+def _inspect(model_or_folder) -> tuple[str | None, str]:
+  """(the source folder or None for an in-memory model, its architecture), from the checkpoint's meta or the
+  folder's config.json alone: the refusals that depend on the source come before its weights are read (and, for a
+  gilora checkpoint, every file is hashed)."""
   if isinstance(model_or_folder, nnx.Module):
-    return model_or_folder, None
+    return None, model_or_folder.config.architecture
   from gilora_jax.pipeline import ckpt  # pylint: disable=import-outside-toplevel  (orbax: only for checkpoints)
   folder = convert.local_folder(model_or_folder)
   if reader.quant_method(folder):
-    return reader.load(folder), folder
+    return folder, convert.architecture_of(*hf_config.read_config(folder))
   if not ckpt.is_checkpoint(folder):
     raise ValueError(f"{folder} is neither a gilora checkpoint nor a compressed-tensors/GPTQ folder; export the "
                      f"output folder of `gilora quantize --model ... --out OUT`.")
-  if "quant" not in ckpt.read_meta(folder):
+  info = ckpt.read_info(folder)
+  if "quant" not in info["meta"]:
     raise ValueError(f"{folder} is a float gilora checkpoint: nothing is quantized; run `gilora quantize` first.")
-  return ckpt.restore_model(folder, verify_files=verify), folder
+  return folder, info["architecture"]
+
+
+def _source(model_or_folder, folder: str | None, verify: bool) -> nnx.Module:
+  """The quantized model (`_inspect` has accepted `model_or_folder`)."""
+  if folder is None:
+    return model_or_folder
+  from gilora_jax.pipeline import ckpt  # pylint: disable=import-outside-toplevel
+  if reader.quant_method(folder):
+    return reader.load(folder)
+  return ckpt.restore_model(folder, verify_files=verify)
+
+
+def _check_dtype(fmt: str, dtype: str | None) -> str | None:
+  if fmt == "gptq":
+    if dtype not in (None, "float16"):
+      raise ValueError(f"dtype={dtype!r}: GPTQ checkpoints are float16 (vLLM's gptq kernels run in float16).")
+    return "float16"
+  if dtype is not None and dtype not in formats.NUMPY_DTYPES:
+    raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(formats.NUMPY_DTYPES)}.")
+  return dtype
 
 
 def _side_files(folder: str | None) -> tuple[dict[str, str], dict[str, Any]]:
@@ -57,7 +80,10 @@ def _side_files(folder: str | None) -> tuple[dict[str, str], dict[str, Any]]:
   source = ckpt.read_meta(folder).get("source") if ckpt.is_checkpoint(folder) else folder
   extra = {}
   if source and os.path.isfile(os.path.join(source, "config.json")):
-    extra = {k: v for k, v in hf_config.read_config(source)[0].items() if k != "quantization_config"}
+    # Not the original's quantization_config, nor its torch_dtype: transformers 5 writes `dtype`, which we set to
+    # the folder's dtype, and a stale torch_dtype beside it would say another one.
+    extra = {k: v for k, v in hf_config.read_config(source)[0].items() if k not in ("quantization_config",
+                                                                                   "torch_dtype")}
   return files, extra
 
 
@@ -105,28 +131,30 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
     verify: check a gilora checkpoint's SHA-256 manifest before reading it.
     max_shard_bytes: safetensors shard size.
   """
+  # Everything that can be refused from the arguments, the destination and the source's metadata is refused
+  # before the source's weights are read.
   if format not in FORMATS:
     raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}.")
   lowrank = _lowrank_mode(format, adapter, merge_adapter)
+  dtype = _check_dtype(format, dtype)
+  if format == "gptq":
+    formats.check_gptq_format(gptq_format)
   if check and format != "gptq":
     missing = check_lib.missing_reload_packages()
     if missing:
       raise ValueError(f"the {format} self-check reloads the folder with transformers + peft, and {', '.join(missing)} "
                        f"is not installed: pip install 'gilora_jax[export]' (or skip the check: check=False, "
                        f"--no-check).")
-  model, folder = _source(model_or_folder, verify)
+  folder, architecture = _inspect(model_or_folder)
   final = _check_destination(to, folder)
+  if format == "gptq" and (problem := formats.gptq_architecture_problem(architecture)):
+    raise ValueError(problem)
+  model = _source(model_or_folder, folder, verify)
   sites = formats.sites(model)
   if not sites:
     raise ValueError("the model has no quantized linears; quantize it first (gilora quantize).")
   linears = formats.linear_names(model)
-  if format == "gptq":
-    if dtype not in (None, "float16"):
-      raise ValueError(f"dtype={dtype!r}: GPTQ checkpoints are float16 (vLLM's gptq kernels run in float16).")
-    dtype = "float16"
-  dtype = dtype or model.config.param_dtype
-  if dtype not in formats.NUMPY_DTYPES:
-    raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(formats.NUMPY_DTYPES)}.")
+  dtype = _check_dtype(format, dtype or model.config.param_dtype)
   problems = formats.gptq_requirements(model, sites, linears) if format == "gptq" else []
   if problems:
     raise ValueError(problems[0] if len(problems) == 1 else "cannot write GPTQ: " + "; ".join(problems))
@@ -146,7 +174,7 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
     lowrank = "drop"  # rank 0 everywhere (rtn, gptq): there is no adapter to write
 
   paths = tuple(s.path for s in sites)
-  tensors = {k: (v.astype(formats.NUMPY_DTYPES[dtype]) if np.issubdtype(v.dtype, np.floating) else v)
+  tensors = {k: (formats.cast(k, v, dtype) if np.issubdtype(v.dtype, np.floating) else v)
              for k, v in convert.hf_tensors(model, skip=paths).items()}
   zero_format = formats.gptq_zero_format(sites, gptq_format) if format == "gptq" else None
   for s in sites:
@@ -160,6 +188,10 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
           if lowrank == "adapter" else None}
   qc = (formats.ct_config(model, sites, linears) if format == "ct" else
         formats.gptq_config(sites[0], zero_format, meta) if format == "gptq" else None)
+  adapter_files = None
+  if lowrank == "adapter":  # built (and range-checked) before anything is written
+    adapter_files = (formats.adapter_tensors(model.config.architecture, sites, dtype),
+                     formats.adapter_config(model, sites, linears, os.path.basename(final), _peft_version()))
   side, extra = _side_files(folder)
   config = {**extra, **model.config.to_hf_config(), "dtype": dtype}
   if qc is not None:
@@ -176,8 +208,8 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
       _write_json(os.path.join(tmp, "quantize_config.json"), qc)
     for name, src in side.items():
       shutil.copyfile(src, os.path.join(tmp, name))
-    if lowrank == "adapter":
-      _write_adapter(os.path.join(tmp, reader.ADAPTER_DIR), model, sites, linears, final, dtype)
+    if adapter_files is not None:
+      _write_adapter(os.path.join(tmp, reader.ADAPTER_DIR), *adapter_files)
     checked = []
     if check:
       check_lib.decode(tmp, format, sites, dtype, lowrank)
@@ -185,6 +217,7 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
       if format != "gptq":
         checked.append(check_lib.reload(tmp, format, model, sites, dtype, lowrank, tensors if format == "dense"
                                         else None))
+    _fsync_tree(tmp)  # the folder's content is on disk before its name says it is finished
     if os.path.isdir(final):
       os.rmdir(final)  # empty (checked above)
     os.rename(tmp, final)
@@ -198,19 +231,31 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
   return summary
 
 
-def _write_adapter(path: str, model: nnx.Module, sites: list[formats.Site], linears: list[str], base: str,
-                   dtype: str) -> None:
+def _write_adapter(path: str, tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   os.makedirs(path)
-  save_file(formats.adapter_tensors(model.config.architecture, sites, dtype), os.path.join(path, reader.ADAPTER_WEIGHTS),
-            metadata={"format": "pt"})
-  _write_json(os.path.join(path, reader.ADAPTER_CONFIG), formats.adapter_config(model, sites, linears, base,
-                                                                                _peft_version()))
+  save_file(tensors, os.path.join(path, reader.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  _write_json(os.path.join(path, reader.ADAPTER_CONFIG), config)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
+  from gilora_jax.pipeline import files as files_lib  # pylint: disable=import-outside-toplevel
+  files_lib.write_bytes(path, json.dumps(obj, indent=2).encode("utf-8"))
+
+
+def _fsync_tree(folder: str) -> None:
+  """fsyncs every file under `folder` (safetensors' writer and the side-file copies do not), then every directory
+  bottom-up, as `pipeline.ckpt.write_folder` does before its rename: a crash after the rename must not leave a
+  finished-looking folder with empty or partial files."""
+  from gilora_jax.pipeline import files as files_lib  # pylint: disable=import-outside-toplevel
+  for root, _, names in os.walk(folder, topdown=False):
+    for name in names:
+      fd = os.open(os.path.join(root, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    files_lib.fsync_dir(root)
 
 
 def _version() -> str:

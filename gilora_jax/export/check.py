@@ -69,14 +69,15 @@ def decode(folder: str, fmt: str, sites: list[formats.Site], dtype: str, lowrank
     _equal(f"{s.hf} scales", d.scales, formats.rounded(s.scales, scale_dtype), problems)
   if lowrank == "adapter":
     arch = convert.architecture_of(*convert.hf_config.read_config(folder))
-    factors = reader.read_adapter(os.path.join(folder, reader.ADAPTER_DIR))
+    factors = reader.read_adapter(os.path.join(folder, reader.ADAPTER_DIR), trim=False)
+    r = formats.adapter_rank(sites)
     for s in sites:
       if s.rank:
         L, R = factors.get(formats.adapter_name(arch, s.hf), (None, None))
         if L is None:
           problems.append(f"adapter: no factors for {s.hf}")
           continue
-        want_L, want_R = formats.adapter_factors(s, dtype)
+        want_L, want_R = formats.padded(*formats.adapter_factors(s, dtype), r)
         _equal(f"adapter {s.hf} lora_A", L, want_L, problems)
         _equal(f"adapter {s.hf} lora_B", R, want_R, problems)
   if problems:

@@ -93,10 +93,25 @@ def rounded(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def check_range(name: str, x: np.ndarray, dtype: str) -> None:
-  """Refuses values that overflow `dtype` (float16 tops out at 65504)."""
-  if dtype == "float16" and x.size and np.abs(x).max() > np.finfo(np.float16).max:
-    raise ValueError(f"{name}: |values| up to {np.abs(x).max():.3g} overflow float16 (max 65504), the dtype this "
-                     f"format stores them in; export with --format ct or dense in bfloat16/float32 instead.")
+  """Refuses values that overflow `dtype` (float16 tops out at 65504) or are not finite: an inf written where the
+  model had a large finite value would also pass a bit-for-bit compare against the same cast (inf == inf)."""
+  x = np.asarray(x)
+  if not x.size:
+    return
+  bad = int(np.count_nonzero(~np.isfinite(x)))
+  if bad:
+    raise ValueError(f"{name}: {bad} of {x.size} values are inf or nan; the model itself is broken, so there is "
+                     f"nothing sound to export.")
+  peak, top = float(np.abs(x).max()), float(ml_dtypes.finfo(NUMPY_DTYPES[dtype]).max)
+  if peak > top:
+    raise ValueError(f"{name}: |values| up to {peak:.3g} overflow {dtype} (max {top:.6g}), the dtype this format "
+                     f"stores them in; export with --format ct or dense in bfloat16/float32 instead.")
+
+
+def cast(name: str, x: np.ndarray, dtype: str) -> np.ndarray:
+  """`x` in `dtype` (contiguous), after `check_range`: every float tensor an export writes goes through here."""
+  check_range(name, x, dtype)
+  return np.ascontiguousarray(x).astype(NUMPY_DTYPES[dtype])
 
 
 def balanced(L: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,12 +139,12 @@ def ct_tensors(site: Site, dtype: str) -> dict[str, np.ndarray]:
   """`weight_packed`, `weight_scale`, `weight_shape` (+ `weight_zero_point` when asymmetric, + `bias`)."""
   b, (d_in, d_out) = site.grid.bits, site.shape
   out = {"weight_packed": packing.pack(site.codes.T, b),  # (d_out, ⌈d_in·b/32⌉)
-         "weight_scale": np.ascontiguousarray(site.scales.T).astype(NUMPY_DTYPES[dtype]),  # (d_out, G)
+         "weight_scale": cast(f"{site.hf}.weight_scale", site.scales.T, dtype),  # (d_out, G)
          "weight_shape": np.array([d_out, d_in], np.int64)}
   if not site.grid.symmetric:
     out["weight_zero_point"] = np.ascontiguousarray(packing.pack(site.int_zeros(), b).T)  # (⌈d_out·b/32⌉, G)
   if site.bias is not None:
-    out["bias"] = site.bias.astype(NUMPY_DTYPES[dtype])
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, dtype)
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -209,15 +224,20 @@ def ct_kernel_notes(all_sites: list[Site]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ GPTQ
 
 
+def check_gptq_format(requested: str | None) -> None:
+  """Refuses a `gptq_format` that is none of None/"auto", "v1", "v2"."""
+  if requested not in (None, "auto", "v1", "v2"):
+    raise ValueError(f"gptq_format={requested!r}: use 'v1' (checkpoint_format gptq, stored z − 1), 'v2' "
+                     f"(gptq_v2, stored z) or leave it unset (v1 for symmetric grids, v2 for asymmetric).")
+
+
 def gptq_zero_format(all_sites: list[Site], requested: str | None) -> str:
   """v1 (`"gptq"`) for symmetric grids, v2 (`"gptq_v2"`) for asymmetric; `requested="v1"` on an asymmetric model
   only when no zero is 0, else a ValueError giving the count."""
+  check_gptq_format(requested)
   symmetric = all(s.grid.symmetric for s in all_sites)
   if requested in (None, "auto"):
     return packing.V1 if symmetric else packing.V2
-  if requested not in ("v1", "v2"):
-    raise ValueError(f"gptq_format={requested!r}: use 'v1' (checkpoint_format gptq, stored z − 1), 'v2' "
-                     f"(gptq_v2, stored z) or leave it unset (v1 for symmetric grids, v2 for asymmetric).")
   if requested == "v1":
     zero = sum(int(np.count_nonzero(s.int_zeros() == 0)) for s in all_sites)
     total = sum(s.zeros.size for s in all_sites)
@@ -233,15 +253,14 @@ def gptq_tensors(site: Site, zero_format: str) -> dict[str, np.ndarray]:
   """`qweight`, `qzeros`, `scales` (fp16), `g_idx` (+ `bias`, fp16) of one linear (EXPORT_FORMATS.md §2.1)."""
   b, (d_in, _) = site.grid.bits, site.shape
   z = site.int_zeros()
-  stored = packing.v1_zeros(z, b) if zero_format == packing.V1 else z
+  stored = packing.v1_zeros(z) if zero_format == packing.V1 else z
   g = d_in if site.grid.group_size is None else site.grid.group_size
-  check_range(f"{site.hf} scales", site.scales, "float16")
   out = {"qweight": np.ascontiguousarray(packing.pack(site.codes.T, b).T),  # (d_in·b/32, d_out), along d_in
          "qzeros": packing.pack(stored, b),  # (G, d_out·b/32), along d_out
-         "scales": site.scales.astype(np.float16),
+         "scales": cast(f"{site.hf}.scales", site.scales, "float16"),
          "g_idx": (np.arange(d_in) // g).astype(np.int32)}
   if site.bias is not None:
-    out["bias"] = site.bias.astype(np.float16)
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, "float16")
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -253,13 +272,20 @@ def gptq_config(site: Site, zero_format: str, meta: dict[str, Any]) -> dict[str,
           "meta": meta}
 
 
+def gptq_architecture_problem(architecture: str) -> str | None:
+  """Why a model of `architecture` cannot be written as GPTQ (None when it can)."""
+  if architecture != qwen3.ARCHITECTURE:
+    return (f"{architecture} cannot be exported as GPTQ: transformers loads GPTQ only for text models ('We can only "
+            f"quantize pure text model'); use --format ct or --format dense.")
+  return None
+
+
 def gptq_requirements(model: nnx.Module, all_sites: list[Site], linears: list[str]) -> list[str]:
   """Why these sites cannot be written as one GPTQ checkpoint (empty when they can)."""
+  problem = gptq_architecture_problem(model.config.architecture)
+  if problem:
+    return [problem]
   problems = []
-  if model.config.architecture != qwen3.ARCHITECTURE:
-    problems.append(f"{model.config.architecture} cannot be exported as GPTQ: transformers loads GPTQ only for "
-                    f"text models ('We can only quantize pure text model'); use --format ct or --format dense.")
-    return problems
   schemes = {_scheme_key(s) for s in all_sites}
   if len(schemes) > 1:
     problems.append(f"GPTQ holds one (bits, group size, symmetric) per checkpoint; these layers use {len(schemes)}: "
@@ -288,10 +314,9 @@ def dense_tensors(site: Site, dtype: str, merge: bool) -> dict[str, np.ndarray]:
   W = site.dequantized()
   if merge and site.rank:
     W = W + site.L @ site.R
-  check_range(f"{site.hf} weights", W, dtype)
-  out = {"weight": np.ascontiguousarray(W.T).astype(NUMPY_DTYPES[dtype])}
+  out = {"weight": cast(f"{site.hf}.weight", W.T, dtype)}
   if site.bias is not None:
-    out["bias"] = site.bias.astype(NUMPY_DTYPES[dtype])
+    out["bias"] = cast(f"{site.hf}.bias", site.bias, dtype)
   return {f"{site.hf}.{k}": v for k, v in out.items()}
 
 
@@ -304,27 +329,40 @@ def adapter_name(architecture: str, name: str) -> str:
   return module_names(architecture, name)[-1]
 
 
+def adapter_rank(all_sites: list[Site]) -> int:
+  """The adapter's one `r`: the largest rank (smaller ones are zero-padded to it, `padded`)."""
+  return max((s.rank for s in all_sites), default=0)
+
+
+def padded(L: np.ndarray, R: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+  """`L (d_in, k)`, `R (k, d_out)` with zero columns / rows up to rank `r`: the same product `L R`, exactly."""
+  k = L.shape[1]
+  return np.pad(L, [(0, 0), (0, r - k)]), np.pad(R, [(0, r - k), (0, 0)])
+
+
 def adapter_tensors(architecture: str, all_sites: list[Site], dtype: str) -> dict[str, np.ndarray]:
   """`lora_A.weight = Lᵀ (r, d_in)`, `lora_B.weight = Rᵀ (d_out, r)` under PEFT's `base_model.model.` prefix,
-  from the balanced factors (`adapter_factors`)."""
+  from the balanced factors (`adapter_factors`), zero-padded to the one rank `adapter_rank` (vLLM reads `r` alone
+  and ignores `rank_pattern`, so a layer of a larger rank than `r` would not load there)."""
   out = {}
+  r = adapter_rank(all_sites)
   for s in all_sites:
     if s.rank:
-      L, R = adapter_factors(s, dtype)  # already on the dtype's grid: the cast below is exact
+      L, R = padded(*adapter_factors(s, dtype), r)  # already on the dtype's grid: the cast below is exact
       key = f"{PEFT_PREFIX}{adapter_name(architecture, s.hf)}"
-      out[f"{key}.lora_A.weight"] = np.ascontiguousarray(L.T).astype(NUMPY_DTYPES[dtype])
-      out[f"{key}.lora_B.weight"] = np.ascontiguousarray(R.T).astype(NUMPY_DTYPES[dtype])
+      out[f"{key}.lora_A.weight"] = cast(f"{key}.lora_A.weight", L.T, dtype)
+      out[f"{key}.lora_B.weight"] = cast(f"{key}.lora_B.weight", R.T, dtype)
   return out
 
 
 def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str], base: str,
                    peft_version: str | None) -> dict[str, Any]:
-  """PEFT `adapter_config.json` (EXPORT_FORMATS.md §4.1): scaling exactly 1 (`lora_alpha = r`, per layer through
-  `rank_pattern`/`alpha_pattern` when ranks differ), no DoRA/rsLoRA, no `modules_to_save`."""
+  """PEFT `adapter_config.json` (EXPORT_FORMATS.md §4.1): one rank `r` for every layer (`adapter_tensors` pads the
+  smaller ones), scaling exactly 1 (`lora_alpha = r`), so no `rank_pattern`/`alpha_pattern`, which vLLM ignores;
+  no DoRA/rsLoRA, no `modules_to_save`. `base` (`base_model_name_or_path`) is the quantized folder's name, a
+  relative path, not one of the machine that wrote it."""
   adapted = [s for s in all_sites if s.rank]
-  ranks = [s.rank for s in adapted]
-  r = max(set(ranks), key=ranks.count)
-  others = {adapter_name(model.config.architecture, s.hf): s.rank for s in adapted if s.rank != r}
+  r = adapter_rank(adapted)
   # Short names (q_proj, ..., dense) when they pick exactly the adapted linears; else the full module names.
   arch = model.config.architecture
   shorts = sorted({s.short for s in adapted})
@@ -333,8 +371,7 @@ def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str],
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.architecture == qwen3.ARCHITECTURE else None,
           "r": r, "lora_alpha": r, "lora_dropout": 0.0,
           "target_modules": names,
-          "rank_pattern": {re.escape(k): v for k, v in others.items()},
-          "alpha_pattern": {re.escape(k): v for k, v in others.items()},
+          "rank_pattern": {}, "alpha_pattern": {},
           "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
           "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base,
           "peft_version": peft_version}

@@ -77,7 +77,7 @@ def unpack(words: np.ndarray, bits: int, n: int) -> np.ndarray:
 V1, V2 = "gptq", "gptq_v2"  # checkpoint_format values
 
 
-def v1_zeros(zeros: np.ndarray, bits: int) -> np.ndarray:
+def v1_zeros(zeros: np.ndarray) -> np.ndarray:
   """Integer zero points -> what a v1 checkpoint stores (`z − 1`); raises when some z is 0 (v1 cannot hold it)."""
   z = np.asarray(zeros)
   bad = int(np.count_nonzero(z < 1))

@@ -1,7 +1,9 @@
 """Reading compressed-tensors `pack-quantized` and GPTQ folders into models with `QuantizedLinear`s (NumPy only).
 
 What `gilora_jax.load_model` does with a HF folder whose config.json has a `quantization_config` of
-`quant_method` "compressed-tensors" or "gptq": ours (`gilora export`) or one written by llm-compressor or GPTQModel.
+`quant_method` "compressed-tensors" or "gptq": ours (`gilora export`) or one written by llm-compressor or GPTQModel
+(or AutoGPTQ, whose folders hold only `quantize_config.json`). Weight-only schemes only: activation quantization
+(W4A8) is refused, and so is a GPTQ `sym: true` whose zeros are not 2^(b−1) (v2 zeros labelled v1, §2.3).
 A PEFT adapter in `FOLDER/adapter/` (what `gilora export` writes beside the base) becomes the layers' `L`, `R`.
 
 The decoders here are also the export's self-check (`gilora_jax.export.check`): `packing.unpack` reads the bit
@@ -28,15 +30,29 @@ METHODS = ("compressed-tensors", "gptq")
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GPTQ_CONFIG = "quantize_config.json"  # AutoGPTQ-era folders have only this, no config.json["quantization_config"]
+
+
+def quantization_config(folder: str) -> tuple[dict[str, Any], str]:
+  """(the folder's quantization config, where it came from): config.json's `quantization_config`, else (AutoGPTQ
+  era) `quantize_config.json`, whose `quant_method` defaults to "gptq"; ({}, config.json) when there is neither."""
+  config, where = hf_config.read_config(folder)
+  qc = config.get("quantization_config")
+  if qc:
+    return qc, where
+  path = os.path.join(folder, GPTQ_CONFIG)
+  if os.path.isfile(path):
+    qc, where = hf_config.read_config(path)
+    return {"quant_method": "gptq", **qc}, where
+  return {}, where
 
 
 def quant_method(folder: str) -> str | None:
-  """The `quantization_config.quant_method` of a HF folder's config.json when it is one this module reads."""
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
+  """The quant_method of a HF folder's quantization config (`quantization_config`) when it is one this module
+  reads."""
+  if not os.path.isfile(os.path.join(folder, "config.json")):
     return None
-  config, _ = hf_config.read_config(folder)
-  method = (config.get("quantization_config") or {}).get("quant_method")
+  method = quantization_config(folder)[0].get("quant_method")
   return method if method in METHODS else None
 
 
@@ -120,14 +136,50 @@ def decode_gptq(tensors: dict[str, np.ndarray], name: str, qc: dict[str, Any], w
     zeros = packing.decode_v1_zeros(tensors[f"{name}.qzeros"], b, d_out)
   else:
     raise ValueError(f"{where}: checkpoint_format {fmt!r} is not GPTQ v1 ('gptq') or v2 ('gptq_v2').")
+  if grid.symmetric:
+    _check_symmetric_zeros(zeros, b, fmt, name, where)
   return Decoded(grid, np.ascontiguousarray(codes), scales, zeros.astype(np.float32), tensors.get(f"{name}.bias"))
+
+
+def _check_symmetric_zeros(zeros: np.ndarray, bits: int, fmt: str, name: str, where: str) -> None:
+  """`sym: true` means every zero is 2^(b−1); anything else is a checkpoint whose zeros and config disagree, most
+  often v2 zeros (z) labelled `checkpoint_format: "gptq"` (v1, z − 1), which decode one too high (EXPORT_FORMATS.md
+  §2.3: vLLM PR #38966, "!!!!" output). Raises a one-line ValueError naming the mislabel and its fix."""
+  mid = 1 << (bits - 1)
+  wrong = int(np.count_nonzero(zeros != mid))
+  if not wrong:
+    return
+  if fmt == packing.V1 and np.all(zeros == mid + 1):
+    raise ValueError(f"{where}: {name}: sym is true but every zero decodes to {mid + 1}, not 2^(b-1) = {mid}: its qzeros "
+                     f"hold v2 zeros (z) under checkpoint_format 'gptq' (v1 stores z - 1), a known mislabel; set "
+                     f"\"checkpoint_format\" and \"format\" to \"gptq_v2\" in config.json's quantization_config and "
+                     f"in quantize_config.json.")
+  raise ValueError(f"{where}: {name}: sym is true but {wrong} of {zeros.size} zeros decode to something other than "
+                   f"2^(b-1) = {mid} (checkpoint_format {fmt!r}); the qzeros and the config disagree, so this "
+                   f"checkpoint cannot be read as it is labelled.")
+
+
+def _check_ct_config(qc: dict[str, Any], where: str) -> None:
+  """Refuses activation quantization: a `QuantizedLinear` holds a weight grid and computes in float, so a W4A8
+  checkpoint read weight-only would compute something its producer never evaluated."""
+  for group_name, group in (qc.get("config_groups") or {}).items():
+    for field in ("input_activations", "output_activations"):
+      act = group.get(field)
+      if act is not None:
+        raise ValueError(f"{where}: config group {group_name!r} quantizes activations ({field}: "
+                         f"{act.get('num_bits')}-bit {act.get('type')}, e.g. W4A8); gilora reads weight-only "
+                         f"schemes, whose activations stay in float; export a weight-only (A16) checkpoint.")
 
 
 # ------------------------------------------------------------------------------------------------ adapter
 
 
-def read_adapter(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{HF module name: (L (d_in, r), R (r, d_out))} of a PEFT LoRA folder, with its scaling folded into R."""
+def read_adapter(folder: str, trim: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{HF module name: (L (d_in, r), R (r, d_out))} of a PEFT LoRA folder, with its scaling folded into R.
+
+  `trim`: drop trailing rank-1 terms whose column of L and row of R are both zero (exact: `gilora export` pads
+  every layer to the adapter's one `r`), so that a layer reads back at its own rank.
+  """
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as f:
     cfg = json.load(f)
@@ -146,11 +198,28 @@ def read_adapter(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
       return next((v for p, v in (cfg.get(field) or {}).items() if re.match(rf"(.*\.)?({p})$", name)), default)
     r, alpha = pattern("rank_pattern", cfg["r"]), pattern("alpha_pattern", cfg["lora_alpha"])
     scaling = alpha / (np.sqrt(r) if cfg.get("use_rslora") else r)
-    out[name] = (A.astype(np.float32).T, (B.astype(np.float32) * np.float32(scaling)).T)
+    L, R = A.astype(np.float32).T, (B.astype(np.float32) * np.float32(scaling)).T
+    if trim:
+      used = np.flatnonzero(np.any(L != 0, axis=0) | np.any(R != 0, axis=1))
+      k = 0 if used.size == 0 else int(used[-1]) + 1
+      L, R = L[:, :k], R[:k]
+    out[name] = (L, R)
   return out
 
 
 # ------------------------------------------------------------------------------------------------ the model
+
+
+def _read_tensors(folder: str, qc: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The folder's safetensors; an AutoGPTQ folder names its one file in `model_file_base_name`
+  (`gptq_model-4bit-128g.safetensors`) instead of `model.safetensors`."""
+  base = qc.get("model_file_base_name")
+  single = os.path.join(folder, f"{base}.safetensors") if base else None
+  if single and os.path.isfile(single) and not any(
+      os.path.isfile(os.path.join(folder, n)) for n in (convert.SAFETENSORS, convert.SAFETENSORS_INDEX)):
+    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    return load_file(single)
+  return convert.read_safetensors(folder)
 
 
 def load(path: str | os.PathLike, *, dtype: str = "float32", adapter: bool = True) -> nnx.Module:
@@ -158,19 +227,21 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", adapter: bool = Tru
   codes, scales and zeros exactly as stored) and the float tensors cast to `dtype`; `L R` from `path/adapter/`
   when it is there and `adapter` is True."""
   folder = convert.local_folder(path)
-  config, where = hf_config.read_config(folder)
-  qc = config.get("quantization_config") or {}
+  config, _ = hf_config.read_config(folder)
+  qc, where = quantization_config(folder)
   method = qc.get("quant_method")
   if method not in METHODS:
     raise ValueError(f"{where}: quant_method {method!r} is not one gilora reads ({', '.join(METHODS)}).")
   if method == "compressed-tensors" and qc.get("format") not in ("pack-quantized", None):
     raise ValueError(f"{where}: compressed-tensors format {qc.get('format')!r}; gilora reads 'pack-quantized'.")
+  if method == "compressed-tensors":
+    _check_ct_config(qc, where)
   if method == "gptq" and qc.get("dynamic"):
     raise ValueError(f"{where}: GPTQ 'dynamic' per-module overrides are not supported; export without them.")
   arch_name = convert.architecture_of(config, where)
   arch = ARCHITECTURES[arch_name]
   cfg = arch.config_cls.from_hf_config(config, dtype=dtype, param_dtype=dtype)
-  tensors = convert.read_safetensors(folder)
+  tensors = _read_tensors(folder, qc)
   suffix = ".weight_packed" if method == "compressed-tensors" else ".qweight"
   names = sorted(k[:-len(suffix)] for k in tensors if k.endswith(suffix))
   lowrank = {}

@@ -2,22 +2,18 @@
 import json
 import os
 
+import compressed_tensors  # noqa: F401  pylint: disable=unused-import  (the test extra pins it: missing must fail)
 import pytest
 
-from gilora_jax import cli, config
-from gilora_jax.pipeline import ckpt, run
+from gilora_jax import cli
 
-pytest.importorskip("compressed_tensors")
+from .conftest import save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(qlm, lm_folder, tmp_path_factory):
   """A quantized checkpoint as `gilora quantize` leaves it (its side files, `meta["source"]`), without a run."""
-  path = str(tmp_path_factory.mktemp("cli") / "q")
-  side = {n: os.path.join(lm_folder, n) for n in run.SIDE_FILES if os.path.isfile(os.path.join(lm_folder, n))}
-  quant = {"config": config.QuantConfig().to_json(), "blocks_done": 2, "num_blocks": 2}
-  ckpt.save_quantized(path, qlm, quant, [], files=side, extra_meta={"source": lm_folder})
-  return path
+  return save_checkpoint(qlm, tmp_path_factory.mktemp("cli") / "q", source=lm_folder)
 
 
 def _run(capsys, *argv):

@@ -2,15 +2,14 @@
 reader is checked against the format's authors rather than against our writer."""
 import numpy as np
 import pytest
+import torch
+import transformers
 
 import gilora_jax as gj
 from gilora_jax import nn
 from gilora_jax.models import qwen3
-from tests.pipeline.tiny import LM_CONFIG
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-ct = pytest.importorskip("compressed_tensors")
+from .conftest import EXPORT_LM_CONFIG as LM_CONFIG  # non-square: k/v 64→32, MLP 64→96→64
 
 
 def _ct_quantized_folder(folder, symmetric, bits, group_size):
@@ -62,7 +61,7 @@ def test_a_folder_from_the_compressed_tensors_compressor_loads_into_quantized_li
   theirs = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
   for i, layer in enumerate(theirs.model.layers):
-    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
       W = nn.get_path(layer, name).weight.detach().numpy().T
       np.testing.assert_allclose(np.asarray(nn.get_path(ours, f"layers.{i}.{name}").dequantized()), W, rtol=0,
                                  atol=1e-7)
