@@ -52,24 +52,35 @@ from gilora_jax.models import hf_config
 
 
 class _Family(NamedTuple):
-  """What one HF architecture of the family allows (see the module docstring's table)."""
+  """What one HF architecture of the family allows (see the module docstring's table), and what its transformers
+  config class gives the keys that a config.json may leave out."""
   model_type: str
   qk_norm: bool  # q/k RMSNorm present (required, or forbidden)
   qkv_bias: bool  # q/k/v bias without an o bias (required, or forbidden)
   attention_bias: bool  # q/k/v/o bias may be switched on
   mlp_bias: bool  # MLP biases may be switched on
-  sliding_window: bool  # a sliding window may be set
+  sliding_window: bool  # a uniform sliding window may be set (Mistral's `sliding_window`)
+  layer_windows: bool  # Qwen's `use_sliding_window` / `max_window_layers` / `layer_types` keys apply
+  # transformers 5.23's defaults (configuration_<model_type>.py) for a key that config.json lacks: head_dim None
+  # is hidden_size // num_attention_heads, num_key_value_heads None is num_attention_heads.
+  max_position_embeddings: int
+  num_key_value_heads: int | None
+  head_dim: int | None
+  window: int | None  # `sliding_window` (Mistral's; Qwen's applies only with use_sliding_window)
+  bos_token_id: int | None
+  eos_token_id: int | None
 
 
 FAMILY = {
-    "LlamaForCausalLM": _Family("llama", False, False, True, True, False),
-    "Qwen2ForCausalLM": _Family("qwen2", False, True, False, False, False),
-    "MistralForCausalLM": _Family("mistral", False, False, False, False, True),
-    "Qwen3ForCausalLM": _Family("qwen3", True, False, True, False, False),
+    "LlamaForCausalLM": _Family("llama", False, False, True, True, False, False, 2048, None, None, None, 1, 2),
+    "Qwen2ForCausalLM": _Family("qwen2", False, True, False, False, False, True, 32768, 32, None, 4096, None, None),
+    "MistralForCausalLM": _Family("mistral", False, False, False, False, True, False, 131072, 8, None, 4096, 1, 2),
+    "Qwen3ForCausalLM": _Family("qwen3", True, False, True, False, False, True, 32768, 32, 128, 4096, None, None),
 }
 ARCHITECTURES = tuple(FAMILY)
 ARCHITECTURE = "LlamaForCausalLM"
 ROPE_TYPES = ("default", "linear", "llama3")
+DEFAULT_ROPE_THETA = 1e4  # transformers' RotaryEmbeddingConfigMixin.default_theta, for a config without rope_theta
 
 # Which linears (paths relative to a DecoderLayer) read which tapped input. Linears that share an input share one
 # Hessian, so each input site is computed once.
@@ -252,7 +263,9 @@ class ModelConfig:
 
     Accepts both the transformers 4.x layout (top-level `rope_theta`, `rope_scaling`) and the 5.x one
     (`rope_parameters`). `dtype`/`param_dtype` choose the JAX dtypes (default float32 for both, whatever the
-    checkpoint stores). Anything this port would not compute as transformers does is a one-line ValueError.
+    checkpoint stores). A key the file leaves out takes the value that this architecture's transformers config
+    class gives it (`FAMILY`: e.g. Mistral's 4096-token window, Qwen3's head_dim 128), not Llama's. Anything this
+    port would not compute as transformers does is a one-line ValueError.
     """
     hf, where = hf_config.read_config(path_or_dict)
     arch = {f.model_type: a for a, f in FAMILY.items()}.get(hf.get("model_type"))
@@ -270,10 +283,7 @@ class ModelConfig:
     if rope_type not in ROPE_TYPES:
       raise ValueError(f"{where}: rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)} "
                        f"(this port would compute other positions than transformers does).")
-    theta = rope.get("rope_theta") or hf.get("rope_theta")
-    if theta is None:
-      raise ValueError(f"{where}: no rope_theta (looked in rope_parameters.rope_theta and rope_theta); add the "
-                       f"checkpoint's rope_theta to config.json.")
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or DEFAULT_ROPE_THETA
     scaling = {}
     if rope_type != "default":
       need = ("factor",) + (("low_freq_factor", "high_freq_factor") if rope_type == "llama3" else ())
@@ -289,26 +299,28 @@ class ModelConfig:
     if hf.get("use_sliding_window"):
       raise ValueError(f"{where}: use_sliding_window=true is not supported for {arch} (only MistralForCausalLM's "
                        f"uniform sliding_window is); set it to false if the checkpoint was trained without it.")
-    window = hf.get("sliding_window") if fam.sliding_window else None
+    window = hf.get("sliding_window", fam.window) if fam.sliding_window else None  # null: full attention
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (the Llama family uses 'silu').")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
+    head_dim = hf.get("head_dim") or fam.head_dim
     if head_dim is None and hf["hidden_size"] % heads:
       raise ValueError(f"{where}: hidden_size={hf['hidden_size']} is not divisible by num_attention_heads={heads} "
                        f"and there is no head_dim; add the checkpoint's head_dim to config.json.")
-    eos = hf.get("eos_token_id")
+    # Missing keys take this architecture's transformers default; a null kv-head count means MHA, as there.
+    kv_heads = hf.get("num_key_value_heads", fam.num_key_value_heads) or heads
+    eos = hf.get("eos_token_id", fam.eos_token_id)
     return cls(
         architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_dim=head_dim or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta), rope_type=rope_type, **scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)) and fam.attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)) and fam.mlp_bias, qk_norm=fam.qk_norm, qkv_bias=fam.qkv_bias,
-        sliding_window=window, max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        bos_token_id=hf.get("bos_token_id"),
+        sliding_window=window, max_position_embeddings=hf.get("max_position_embeddings") or fam.max_position_embeddings,
+        bos_token_id=hf.get("bos_token_id", fam.bos_token_id),
         eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
         pad_token_id=hf.get("pad_token_id"), dtype=dtype, param_dtype=param_dtype or dtype)
 
