@@ -296,9 +296,17 @@ class ModelConfig:
         scaling.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
                        rope_high_freq_factor=float(rope["high_freq_factor"]),
                        rope_original_max_position_embeddings=rope.get("original_max_position_embeddings"))
-    if hf.get("use_sliding_window"):
-      raise ValueError(f"{where}: use_sliding_window=true is not supported for {arch} (only MistralForCausalLM's "
-                       f"uniform sliding_window is); set it to false if the checkpoint was trained without it.")
+    if fam.layer_windows and hf.get("use_sliding_window"):
+      # Qwen's window applies to the layers from max_window_layers on (or those layer_types names), as
+      # Qwen2Config/Qwen3Config resolve it; Llama's and Mistral's configs have no such key, so it is ignored there.
+      qwen_window = hf.get("sliding_window", fam.window)
+      layers = hf.get("layer_types") or [
+          "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+          for i in range(hf["num_hidden_layers"])]
+      if qwen_window is not None and "sliding_attention" in layers:
+        raise ValueError(f"{where}: use_sliding_window=true with sliding layers ({layers.count('sliding_attention')} of "
+                         f"{len(layers)}) is not supported for {arch}; set it to false if the checkpoint was trained "
+                         f"without it.")
     window = hf.get("sliding_window", fam.window) if fam.sliding_window else None  # null: full attention
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (the Llama family uses 'silu').")

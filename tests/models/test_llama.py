@@ -116,8 +116,8 @@ BASE = dict(model_type="llama", vocab_size=11, hidden_size=8, intermediate_size=
      r"rope_type 'llama3' needs \['low_freq_factor', 'high_freq_factor'\]"),
     (dict(hidden_size=9, num_attention_heads=2), r"hidden_size=9 is not divisible by num_attention_heads=2 and there "
                                                  r"is no head_dim; add the checkpoint's head_dim"),
-    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4),
-     r"use_sliding_window=true is not supported for Qwen2ForCausalLM"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0),
+     r"use_sliding_window=true with sliding layers \(1 of 1\) is not supported for Qwen2ForCausalLM"),
     (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
     (dict(model_type="gpt2"), r"'gpt2' config .* not one of the Llama family"),
 ])

@@ -1,5 +1,6 @@
 """llama.ModelConfig against transformers 5.23's config classes: what a config.json leaves out resolves to each
-family's own default, and the top-level/rope-dict precedence of llama3's original context."""
+family's own default, the top-level/rope-dict precedence of llama3's original context, and the
+use_sliding_window check."""
 import dataclasses
 import json
 import os
@@ -125,3 +126,17 @@ def test_a_folder_without_the_key_gives_transformers_logits(torch, tmp_path, rng
     ref = pt(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(llama.forward(load_model(str(tmp_path)), ids)), ref, atol=1e-4, rtol=0)
 
+@pytest.mark.parametrize("arch", list(CONFIG_CLS))
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2])
+def test_use_sliding_window_is_refused_only_where_transformers_slides_a_layer(arch, max_window_layers):
+  """Llama and Mistral have no such key (transformers ignores it); Qwen2/Qwen3 slide layers >= max_window_layers."""
+  hf = {**BASE, "use_sliding_window": True, "max_window_layers": max_window_layers}
+  ref = _transformers_config(arch, hf)
+  slides = "sliding_attention" in (getattr(ref, "layer_types", None) or ())
+  if slides:
+    with pytest.raises(ValueError, match=f"use_sliding_window=true with sliding layers .* not supported for {arch}"):
+      _ours(arch, hf)
+  else:
+    assert _resolved(_ours(arch, hf)) == _resolved(ref) | (
+        {"sliding_window": None} if llama.FAMILY[arch].layer_windows else {})  # Qwen: no layer reads the window
+  assert slides == (llama.FAMILY[arch].layer_windows and max_window_layers < 2)
