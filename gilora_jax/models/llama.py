@@ -96,12 +96,14 @@ QUANT_SITES = {
 class ModelConfig:
   """Static hyper-parameters of a dense Llama-family model (defaults: Llama's).
 
-  `head_dim` defaults to hidden_size // num_attention_heads. RoPE: `rope_type` "default", "linear" (every
-  frequency divided by `rope_factor`) or "llama3" (`rope_factor`, `rope_low_freq_factor`,
-  `rope_high_freq_factor`, `rope_original_max_position_embeddings`; the latter defaults to
-  max_position_embeddings), as transformers computes them. `dtype` is the activation/compute dtype,
-  `param_dtype` the storage dtype of the weights (both numpy dtype names, "float32" or "bfloat16", so the config
-  stays hashable and JSON-serialisable).
+  Fields keep the values given, so `dataclasses.replace` and `to_hf_config` -> `from_hf_config` see what was
+  set, not a stale derived value; the derived ones are properties. `head_dim` None is this architecture's
+  transformers default (`resolved_head_dim`: hidden_size // num_attention_heads; Qwen3's is 128). RoPE:
+  `rope_type` "default", "linear" (every frequency divided by `rope_factor`) or "llama3" (`rope_factor`,
+  `rope_low_freq_factor`, `rope_high_freq_factor`, `rope_original_max_position_embeddings`; None is
+  max_position_embeddings, see `original_max_position_embeddings`), as transformers computes them. `dtype` is
+  the activation/compute dtype, `param_dtype` the storage dtype of the weights (both numpy dtype names, "float32"
+  or "bfloat16", so the config stays hashable and JSON-serialisable).
   """
   vocab_size: int
   hidden_size: int
@@ -135,16 +137,14 @@ class ModelConfig:
     fam = FAMILY.get(self.architecture)
     if fam is None:
       raise ValueError(f"architecture {self.architecture!r} is not one of {ARCHITECTURES}; pick one of these.")
-    if self.head_dim is None:
-      if self.hidden_size % self.num_attention_heads:
-        raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                         f"{self.num_attention_heads}; set head_dim explicitly (as the checkpoint's config.json does).")
-      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if self.head_dim is None and fam.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                       f"{self.num_attention_heads}; set head_dim explicitly (as the checkpoint's config.json does).")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}.")
     if self.rope_type != "default" and self.rope_factor < 1:
@@ -304,15 +304,15 @@ class ModelConfig:
           "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
           for i in range(hf["num_hidden_layers"])]
       if qwen_window is not None and "sliding_attention" in layers:
-        raise ValueError(f"{where}: use_sliding_window=true with sliding layers ({layers.count('sliding_attention')} of "
-                         f"{len(layers)}) is not supported for {arch}; set it to false if the checkpoint was trained "
-                         f"without it.")
+        n_sliding = layers.count("sliding_attention")
+        raise ValueError(f"{where}: use_sliding_window=true with sliding layers ({n_sliding} of {len(layers)}) is "
+                         f"not supported for {arch}; set it to false if the checkpoint was trained without it.")
     window = hf.get("sliding_window", fam.window) if fam.sliding_window else None  # null: full attention
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (the Llama family uses 'silu').")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or fam.head_dim
-    if head_dim is None and hf["hidden_size"] % heads:
+    head_dim = hf.get("head_dim")  # None: the family's default, as transformers resolves it (resolved_head_dim)
+    if head_dim is None and fam.head_dim is None and hf["hidden_size"] % heads:
       raise ValueError(f"{where}: hidden_size={hf['hidden_size']} is not divisible by num_attention_heads={heads} "
                        f"and there is no head_dim; add the checkpoint's head_dim to config.json.")
     # Missing keys take this architecture's transformers default; a null kv-head count means MHA, as there.
@@ -322,7 +322,7 @@ class ModelConfig:
         architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta), rope_type=rope_type, **scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", False)) and fam.attention_bias,
@@ -339,8 +339,9 @@ class ModelConfig:
     if self.rope_type != "default":
       rope["factor"] = self.rope_factor
     if self.rope_type == "llama3":
-      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                  original_max_position_embeddings=self.original_max_position_embeddings)
+      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor)
+      if self.rope_original_max_position_embeddings is not None:  # else transformers uses max_position_embeddings
+        rope["original_max_position_embeddings"] = self.rope_original_max_position_embeddings
     fam = FAMILY[self.architecture]
     extra = {
         "llama": {"attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias},
@@ -352,12 +353,21 @@ class ModelConfig:
         "architectures": [self.architecture], "model_type": fam.model_type, "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
         "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": self.num_key_value_heads,
+        **({} if self.head_dim is None else {"head_dim": self.head_dim}),  # left out: the class's default, as ours
+        "hidden_act": "silu",
         "rms_norm_eps": self.rms_norm_eps, "rope_parameters": rope, **extra,
         "tie_word_embeddings": self.tie_word_embeddings, "max_position_embeddings": self.max_position_embeddings,
         "bos_token_id": self.bos_token_id, "eos_token_id": (list(eos) if len(eos) > 1 else eos[0]) if eos else None,
         "pad_token_id": self.pad_token_id, "dtype": self.param_dtype,
     }
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """The per-head size the model is built with: `head_dim`, else the architecture's transformers default."""
+    if self.head_dim is not None:
+      return self.head_dim
+    return FAMILY[self.architecture].head_dim or self.hidden_size // self.num_attention_heads
 
   @property
   def original_max_position_embeddings(self) -> int:
@@ -431,7 +441,7 @@ class Attention(nnx.Module):
   KV cache."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
     linear = functools.partial(nnx.Linear, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     qkv_bias = cfg.attention_bias or cfg.qkv_bias
     self.q_proj = linear(d, h * hd, use_bias=qkv_bias)
@@ -592,7 +602,7 @@ def forward(model: Llama, input_ids: jax.Array) -> jax.Array:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
   """An all-zero KV cache with `max_len` slots per layer, in the compute dtype."""
-  shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  shape = (batch, max_len, cfg.num_key_value_heads, cfg.resolved_head_dim)
   return tuple(LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
                for _ in range(cfg.num_hidden_layers))
 

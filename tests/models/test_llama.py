@@ -142,7 +142,7 @@ def test_switches_are_checked_against_the_architecture():
     llama.ModelConfig(**{**kw, "hidden_size": 9})
   with pytest.raises(ValueError, match="rope_type 'ntk' is not supported"):
     llama.ModelConfig(**kw, rope_type="ntk")
-  assert llama.ModelConfig(**kw).head_dim == 4  # hidden / heads by default
+  assert llama.ModelConfig(**kw).head_dim is None and llama.ModelConfig(**kw).resolved_head_dim == 4  # hidden / heads
 
 
 def test_qwen3_keeps_its_names_defaults_and_old_checkpoint_configs():

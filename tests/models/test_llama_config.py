@@ -36,7 +36,7 @@ def _ours(arch: str, hf: dict) -> llama.ModelConfig:
 def _resolved(cfg) -> dict:
   """What the model is built with, read the way transformers' modeling code reads its config."""
   if isinstance(cfg, llama.ModelConfig):
-    return dict(num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+    return dict(num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.resolved_head_dim,
                 max_position_embeddings=cfg.max_position_embeddings, sliding_window=cfg.sliding_window,
                 rope_theta=cfg.rope_theta, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                 original_max_position_embeddings=cfg.original_max_position_embeddings
@@ -140,3 +140,35 @@ def test_use_sliding_window_is_refused_only_where_transformers_slides_a_layer(ar
     assert _resolved(_ours(arch, hf)) == _resolved(ref) | (
         {"sliding_window": None} if llama.FAMILY[arch].layer_windows else {})  # Qwen: no layer reads the window
   assert slides == (llama.FAMILY[arch].layer_windows and max_window_layers < 2)
+
+
+SMALL = dict(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("arch", list(CONFIG_CLS))
+def test_fields_keep_what_was_given_so_replace_recomputes_the_rest(arch):
+  fam = llama.FAMILY[arch]
+  cfg = llama.ModelConfig(**SMALL, architecture=arch, qk_norm=fam.qk_norm, qkv_bias=fam.qkv_bias, rope_type="llama3",
+                          rope_factor=8.0, max_position_embeddings=64)
+  assert cfg.head_dim is None and cfg.rope_original_max_position_embeddings is None
+  wider = dataclasses.replace(cfg, hidden_size=32, max_position_embeddings=128)
+  assert wider.resolved_head_dim == (128 if arch == "Qwen3ForCausalLM" else 16)  # Qwen3Config's default: 128
+  assert wider.original_max_position_embeddings == 128
+  given = dataclasses.replace(cfg, head_dim=4, rope_original_max_position_embeddings=32)
+  assert dataclasses.replace(given, hidden_size=32).resolved_head_dim == 4
+  assert dataclasses.replace(given, max_position_embeddings=128).original_max_position_embeddings == 32
+
+
+@pytest.mark.parametrize("arch", list(CONFIG_CLS))
+@pytest.mark.parametrize("rope", [dict(), dict(rope_type="linear", rope_factor=2.0), dict(
+    rope_type="llama3", rope_factor=8.0), dict(rope_type="llama3", rope_factor=8.0, head_dim=4,
+                                               rope_original_max_position_embeddings=32)])
+def test_to_hf_config_and_back_is_the_same_config(arch, rope):
+  """Also what transformers makes of the dict: the same resolved values."""
+  fam = llama.FAMILY[arch]
+  cfg = llama.ModelConfig(**SMALL, architecture=arch, qk_norm=fam.qk_norm, qkv_bias=fam.qkv_bias,
+                          max_position_embeddings=64, sliding_window=5 if fam.sliding_window else None, **rope)
+  hf = cfg.to_hf_config()
+  assert llama.ModelConfig.from_hf_config(hf) == cfg
+  assert _resolved(cfg) == _resolved(_transformers_config(arch, hf))
