@@ -192,28 +192,48 @@ class ModelConfig:
         bos_token_id=128000, eos_token_id=(128001,), rope_type="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192), **kw})
 
+  # SmolLM2 base and Instruct share sizes and weights layout; their config.json differ in the special tokens:
+  # the base models use <|endoftext|> (0) as bos and eos, the Instruct ones <|im_start|> (1) / <|im_end|> (2),
+  # padding with <|im_end|>. The Instruct values are those of the SmolLM2-135M-Instruct GGUF that
+  # experiments/smollm2.py converts; the base ones follow its tokenizer (not checked against the hub).
   @classmethod
   def smollm2_135m(cls, **kw) -> ModelConfig:
-    """HuggingFaceTB/SmolLM2-135M(-Instruct): a Llama with 9 query / 3 kv heads of 64, tied embeddings."""
-    return cls._smollm2(30, 576, 1536, 9, 3, 1e5, **kw)
+    """HuggingFaceTB/SmolLM2-135M: a Llama with 9 query / 3 kv heads of 64, tied embeddings."""
+    return cls._smollm2(30, 576, 1536, 9, 3, 1e5, False, **kw)
+
+  @classmethod
+  def smollm2_135m_instruct(cls, **kw) -> ModelConfig:
+    """HuggingFaceTB/SmolLM2-135M-Instruct."""
+    return cls._smollm2(30, 576, 1536, 9, 3, 1e5, True, **kw)
 
   @classmethod
   def smollm2_360m(cls, **kw) -> ModelConfig:
     """HuggingFaceTB/SmolLM2-360M."""
-    return cls._smollm2(32, 960, 2560, 15, 5, 1e5, **kw)
+    return cls._smollm2(32, 960, 2560, 15, 5, 1e5, False, **kw)
+
+  @classmethod
+  def smollm2_360m_instruct(cls, **kw) -> ModelConfig:
+    """HuggingFaceTB/SmolLM2-360M-Instruct."""
+    return cls._smollm2(32, 960, 2560, 15, 5, 1e5, True, **kw)
 
   @classmethod
   def smollm2_1_7b(cls, **kw) -> ModelConfig:
     """HuggingFaceTB/SmolLM2-1.7B."""
-    return cls._smollm2(24, 2048, 8192, 32, 32, 1.3e5, **kw)
+    return cls._smollm2(24, 2048, 8192, 32, 32, 1.3e5, False, **kw)
 
   @classmethod
-  def _smollm2(cls, layers, hidden, mlp, heads, kv_heads, theta, **kw) -> ModelConfig:
+  def smollm2_1_7b_instruct(cls, **kw) -> ModelConfig:
+    """HuggingFaceTB/SmolLM2-1.7B-Instruct."""
+    return cls._smollm2(24, 2048, 8192, 32, 32, 1.3e5, True, **kw)
+
+  @classmethod
+  def _smollm2(cls, layers, hidden, mlp, heads, kv_heads, theta, instruct, **kw) -> ModelConfig:
+    tokens = dict(bos_token_id=1, eos_token_id=(2,), pad_token_id=2) if instruct else dict(
+        bos_token_id=0, eos_token_id=(0,))
     return ModelConfig(**{**dict(
         architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=hidden, intermediate_size=mlp,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
-        rope_theta=theta, tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1,
-        eos_token_id=(2,)), **kw})
+        rope_theta=theta, tie_word_embeddings=True, max_position_embeddings=8192, **tokens), **kw})
 
   @classmethod
   def qwen2_5_0_5b(cls, **kw) -> ModelConfig:

@@ -5,6 +5,7 @@ by one variant (tests/models/conftest.py LLAMA_VARIANTS).
 """
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -162,3 +163,24 @@ def test_qwen3_keeps_its_names_defaults_and_old_checkpoint_configs():
   assert model.layers[0].self_attn.q_norm is not None
   with pytest.raises(ValueError, match="'llama' config .* not a dense Qwen3"):
     qwen3.ModelConfig.from_hf_config(BASE)
+
+
+@pytest.mark.parametrize("size", ["135m", "360m", "1_7b"])
+def test_smollm2_presets_carry_their_own_special_tokens(size):
+  """The base models end text with <|endoftext|> (id 0, also their bos); the Instruct ones with <|im_end|> (2),
+  after <|im_start|> (1). Otherwise the two are the same model."""
+  base = getattr(llama.ModelConfig, f"smollm2_{size}")()
+  instruct = getattr(llama.ModelConfig, f"smollm2_{size}_instruct")()
+  assert (base.bos_token_id, base.eos_token_id, base.pad_token_id) == (0, (0,), None)
+  assert (instruct.bos_token_id, instruct.eos_token_id, instruct.pad_token_id) == (1, (2,), 2)
+  assert dataclasses.replace(instruct, bos_token_id=0, eos_token_id=(0,), pad_token_id=None) == base
+
+
+def test_smollm2_instruct_preset_is_the_converted_folders_config():
+  """runs/smollm2-135m-instruct (experiments/smollm2.py, from the Instruct GGUF; not in git) where it exists."""
+  folder = os.path.join(os.path.dirname(__file__), "..", "..", "runs", "smollm2-135m-instruct")
+  if not os.path.exists(os.path.join(folder, "config.json")):
+    pytest.skip("run experiments/smollm2.py to convert SmolLM2-135M-Instruct")
+  cfg = llama.ModelConfig.from_hf_config(folder)
+  assert cfg.rms_norm_eps == pytest.approx(1e-5, rel=1e-6)  # GGUF stores it in float32
+  assert dataclasses.replace(cfg, head_dim=None, rms_norm_eps=1e-5) == llama.ModelConfig.smollm2_135m_instruct()
