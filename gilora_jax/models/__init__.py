@@ -1,4 +1,5 @@
-"""Model ports (Qwen3, DeiT/ViT) and their registry: which HF architecture name builds which NNX model.
+"""Model ports (the Llama family: Llama, Qwen2, Mistral, Qwen3; DeiT/ViT) and their registry: which HF
+architecture name builds which NNX model.
 
 The ground floor of the model wing: this package imports nothing of gilora_jax above it. Reading a local folder
 into a model is `gilora_jax.load_model` (the pipeline); converting HF safetensors is `models.convert`.
@@ -10,9 +11,9 @@ from typing import Any
 
 from flax import nnx
 
-from gilora_jax.models import deit, qwen3
+from gilora_jax.models import deit, llama, qwen3
 
-__all__ = ["ARCHITECTURES", "ModelSpec", "deit", "qwen3", "quant_sites", "spec_of"]
+__all__ = ["ARCHITECTURES", "ModelSpec", "deit", "llama", "qwen3", "quant_sites", "spec_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ModelSpec:
 
 # HF `architectures` name -> port. The supported set of `gilora_jax.load_model`.
 ARCHITECTURES: dict[str, ModelSpec] = {
+    **{name: ModelSpec(llama.ModelConfig, llama.Llama, llama.QUANT_SITES)
+       for name in llama.ARCHITECTURES if name != qwen3.ARCHITECTURE},
     qwen3.ARCHITECTURE: ModelSpec(qwen3.ModelConfig, qwen3.Qwen3, qwen3.QUANT_SITES),
     **{name: ModelSpec(deit.ModelConfig, deit.DeiT, deit.QUANT_SITES) for name in deit.ARCHITECTURES},
 }
@@ -45,5 +48,5 @@ def quant_sites(model: nnx.Module) -> dict[str, tuple[str, ...]]:
   config = getattr(model, "config", None)
   if config is None:
     raise ValueError(f"{type(model).__name__} has no config; supported models are the ports in gilora_jax.models "
-                     f"(Qwen3, DeiT/ViT).")
+                     f"(Llama, Qwen2, Mistral, Qwen3, DeiT/ViT).")
   return spec_of(config).quant_sites

@@ -1,4 +1,4 @@
-"""Local HF checkpoint folders <-> NNX models (Qwen3, DeiT/ViT), with safetensors, never over the network.
+"""Local HF checkpoint folders <-> NNX models (the Llama family, DeiT/ViT), with safetensors, never over the network.
 
 Key mapping is one table per architecture of `Rule(hf, nnx, transform)` rows, as in bonsai's `params.py`. Both
 sides are templates: `{name:regex}` placeholders in the HF key are captured and substituted into the NNX path
@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gilora_jax import runtime
-from gilora_jax.models import ARCHITECTURES, ModelSpec, deit, hf_config, qwen3
+from gilora_jax.models import ARCHITECTURES, ModelSpec, deit, hf_config, llama
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -82,7 +82,8 @@ class Rule:
     return None if m is None else _PLACEHOLDER.sub(lambda p: m.group(p.group(1)), self.hf)
 
 
-QWEN3_RULES = (
+# Llama, Qwen2, Mistral and Qwen3 share one layout; each config only switches the biases and q/k norms on or off.
+LLAMA_RULES = (
     Rule("model.embed_tokens.weight", "embed_tokens.embedding"),
     Rule(r"model.layers.{i:\d+}.{norm:input_layernorm|post_attention_layernorm}.weight", "layers.{i}.{norm}.scale"),
     Rule(r"model.layers.{i:\d+}.self_attn.{proj:[qkvo]_proj}.weight", "layers.{i}.self_attn.{proj}.kernel",
@@ -91,9 +92,11 @@ QWEN3_RULES = (
     Rule(r"model.layers.{i:\d+}.self_attn.{norm:[qk]_norm}.weight", "layers.{i}.self_attn.{norm}.scale"),
     Rule(r"model.layers.{i:\d+}.mlp.{proj:gate_proj|up_proj|down_proj}.weight", "layers.{i}.mlp.{proj}.kernel",
          Transform.LINEAR),
+    Rule(r"model.layers.{i:\d+}.mlp.{proj:gate_proj|up_proj|down_proj}.bias", "layers.{i}.mlp.{proj}.bias"),
     Rule("model.norm.weight", "norm.scale"),
     Rule("lm_head.weight", "lm_head.kernel", Transform.LINEAR),
 )
+QWEN3_RULES = LLAMA_RULES  # the name before the generalisation
 
 
 def _vit_rules(prefix: str) -> tuple[Rule, ...]:
@@ -125,10 +128,11 @@ class KeyTable:
 
 # One key table per registered architecture (`gilora_jax.models.ARCHITECTURES`).
 KEY_TABLES = {
-    qwen3.ARCHITECTURE: KeyTable(
-        QWEN3_RULES,
+    **{name: KeyTable(
+        LLAMA_RULES,
         # Old exports carry RoPE buffers; tied checkpoints may still store a copy of the embedding as lm_head.
-        lambda cfg: (r".*\.rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ())),
+        lambda cfg: (r".*\.rotary_emb\.inv_freq",) + ((r"lm_head\.weight",) if cfg.tie_word_embeddings else ()))
+       for name in llama.ARCHITECTURES},
     "DeiTForImageClassificationWithTeacher": KeyTable(_vit_rules("deit")),
     "DeiTForImageClassification": KeyTable(_vit_rules("deit")),
     "ViTForImageClassification": KeyTable(_vit_rules("vit")),

@@ -16,7 +16,8 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: 
   * A checkpoint written by `gilora_jax.pipeline.ckpt.save_model` is restored as saved (dtype arguments are
     ignored), after every file is checked against the SHA-256 recorded at save time (`verify=False` skips that).
   * Otherwise the folder must be a HF checkpoint (config.json + safetensors). Its config.json "architectures"
-    picks the port: Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
+    picks the port: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM (`llama.Llama`),
+    Qwen3ForCausalLM (`qwen3.Qwen3`), DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher or ViTForImageClassification (`deit.DeiT`); anything else raises a
     ValueError listing these. Weights are cast to `param_dtype` (default `dtype`), compute runs in `dtype`.
   * A HF folder quantized as compressed-tensors `pack-quantized` or GPTQ (`gilora export`, llm-compressor,

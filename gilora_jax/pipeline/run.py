@@ -29,7 +29,7 @@ from flax import nnx
 from gilora_jax import nn
 from gilora_jax import sharding as sharding_lib
 from gilora_jax.config import OptionError, QuantConfig
-from gilora_jax.models import convert, hf_config, qwen3
+from gilora_jax.models import convert, hf_config, llama
 from gilora_jax.pipeline import apply, ckpt, data, evaluate, files, plot
 from gilora_jax.pipeline import partial as partial_lib
 from gilora_jax.pipeline.load import load_model
@@ -64,7 +64,7 @@ def progress_bar(total: int, initial: int) -> Callable[[Iterable[int]], Iterable
 
 
 def is_lm(model) -> bool:
-  return isinstance(model, qwen3.Qwen3)
+  return isinstance(model, llama.Llama)  # qwen3.Qwen3 included
 
 
 def at_least(name: str, value: int, minimum: int = 1, why: str = "") -> None:
@@ -328,8 +328,9 @@ def generate_folder(folder: str, prompt: str, max_new_tokens: int, *, verify: bo
   folder = convert.local_folder(folder)
   arch = ckpt.read_info(folder)["architecture"] if ckpt.looks_like_checkpoint(folder) else convert.architecture_of(
       *hf_config.read_config(folder))
-  if arch != qwen3.ARCHITECTURE:
-    raise ValueError(f"{folder} holds a {arch}, not a causal LM; generate needs a Qwen3ForCausalLM.")
+  if arch not in llama.ARCHITECTURES:
+    raise ValueError(f"{folder} holds a {arch}, not a causal LM; generate needs one of "
+                     f"{', '.join(llama.ARCHITECTURES)}.")
   tokenizer = data.load_tokenizer(folder)
   n = len(data.tokenize(tokenizer, prompt))
   if n == 0:
@@ -339,7 +340,7 @@ def generate_folder(folder: str, prompt: str, max_new_tokens: int, *, verify: bo
   if n + max_new_tokens > limit:
     log.warning("the prompt (%d tokens) plus --max-new-tokens %d exceeds max_position_embeddings=%d: positions "
                 "beyond it were never trained.", n, max_new_tokens, limit)
-  text = qwen3.generate(model, tokenizer, prompt, max_new_tokens)
+  text = llama.generate(model, tokenizer, prompt, max_new_tokens)
   return {"model": folder, "prompt": prompt, "prompt_tokens": n, "max_new_tokens": max_new_tokens,
           "completion": text}
 

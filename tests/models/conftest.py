@@ -40,6 +40,30 @@ QWEN3_VARIANTS = {
                             head_dim=16, rope_theta=1e4, tie_word_embeddings=False, attention_bias=True),
 }
 
+# name -> (transformers config class, overrides of the tiny Llama-family config), one per switch of llama.py:
+# llama3 RoPE + tied + GQA + head_dim != hidden / heads; linear RoPE + q/k/v/o and MLP biases + untied + MHA;
+# Qwen2's q/k/v-only bias; Mistral's sliding window (3 < the test sequences, so it cuts).
+LLAMA_VARIANTS = {
+    "llama3_tied": ("LlamaConfig", dict(head_dim=32, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_linear_bias": ("LlamaConfig", dict(vocab_size=11, num_key_value_heads=4, attention_bias=True,
+                                              mlp_bias=True, rope_parameters=dict(rope_type="linear", rope_theta=1e4,
+                                                                                  factor=4.0))),
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                       rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "mistral_window": ("MistralConfig", dict(head_dim=32, sliding_window=3)),
+}
+
+
+def _llama_config(name: str):
+  import transformers  # pylint: disable=import-outside-toplevel
+  cls, overrides = LLAMA_VARIANTS[name]
+  kw = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=128)
+  return getattr(transformers, cls)(**{**kw, **overrides})
+
+
 DEIT_VARIANTS = ("DeiTForImageClassificationWithTeacher", "DeiTForImageClassification", "ViTForImageClassification")
 
 
@@ -60,6 +84,23 @@ def hf_qwen3(tmp_path_factory, torch):  # pylint: disable=redefined-outer-name
       torch.manual_seed(0)
       pt = _perturb(Qwen3ForCausalLM(_qwen3_config(**QWEN3_VARIANTS[name])).eval(), seed=1)
       folder = str(tmp_path_factory.mktemp(f"qwen3_{name}"))
+      pt.save_pretrained(folder)
+      cache[name] = pt, folder
+    return cache[name]
+  return get
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory, torch):  # pylint: disable=redefined-outer-name
+  """LLAMA_VARIANTS name -> (torch model in eval mode, folder it was saved to with save_pretrained)."""
+  from transformers import AutoModelForCausalLM  # pylint: disable=import-outside-toplevel
+  cache = {}
+
+  def get(name: str):
+    if name not in cache:
+      torch.manual_seed(0)
+      pt = _perturb(AutoModelForCausalLM.from_config(_llama_config(name)).eval(), seed=1)
+      folder = str(tmp_path_factory.mktemp(f"llama_{name}"))
       pt.save_pretrained(folder)
       cache[name] = pt, folder
     return cache[name]

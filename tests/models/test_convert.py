@@ -79,9 +79,10 @@ def test_a_corrupt_safetensors_file_is_named_with_the_fix(saved_qwen3, damage):
 
 def test_a_config_of_another_architecture_lists_the_supported_ones(saved_qwen3, rewrite_config):
   _, folder = saved_qwen3
-  rewrite_config(folder, architectures=["LlamaForCausalLM"], model_type="llama")
-  with pytest.raises(ValueError, match=r"config.json: architectures \['LlamaForCausalLM'\].*not supported; supported: "
+  rewrite_config(folder, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+  with pytest.raises(ValueError, match=r"config.json: architectures \['GPT2LMHeadModel'\].*not supported; supported: "
                                        r"\['DeiTForImageClassification', 'DeiTForImageClassificationWithTeacher', "
+                                       r"'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', "
                                        r"'Qwen3ForCausalLM', 'ViTForImageClassification'\]"):
     load_model(folder)
 
