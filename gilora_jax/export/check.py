@@ -22,7 +22,7 @@ from flax import nnx
 
 from gilora_jax import nn
 from gilora_jax.export import formats, reader
-from gilora_jax.models import ARCHITECTURES, convert, qwen3
+from gilora_jax.models import ARCHITECTURES, convert, llama
 
 RTOL = 1e-4  # float32 evaluation of the same numbers by two frameworks, relative to max |logit|
 RELOAD_PACKAGES = {"torch": "torch==2.13.0", "transformers": "transformers~=5.23.0",
@@ -115,14 +115,14 @@ def inputs(model: nnx.Module) -> np.ndarray:
   """A few deterministic inputs: 2 × 16 token ids (LM) or 2 images."""
   rng = np.random.default_rng(0)
   cfg = model.config
-  if model.config.architecture == qwen3.ARCHITECTURE:
+  if model.config.architecture in llama.ARCHITECTURES:
     return rng.integers(0, cfg.vocab_size, size=(2, min(16, cfg.max_position_embeddings))).astype(np.int32)
   return rng.standard_normal((2, cfg.num_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
 
 
 def jax_logits(model: nnx.Module, x: np.ndarray) -> np.ndarray:
   from gilora_jax.models import deit  # pylint: disable=import-outside-toplevel
-  fwd = qwen3.forward if model.config.architecture == qwen3.ARCHITECTURE else deit.forward
+  fwd = llama.forward if model.config.architecture in llama.ARCHITECTURES else deit.forward
   return np.asarray(fwd(model, x), np.float32)
 
 
@@ -159,7 +159,7 @@ def reload(folder: str, fmt: str, model: nnx.Module, sites: list[formats.Site], 
   """Raises `ExportCheckError` unless transformers (+ peft) on the folder gives our logits (module docstring, 2);
   returns the line that says what was compared."""
   x = inputs(model)
-  lm = model.config.architecture == qwen3.ARCHITECTURE
+  lm = model.config.architecture in llama.ARCHITECTURES
   adapter = os.path.join(folder, reader.ADAPTER_DIR) if lowrank == "adapter" and any(s.rank for s in sites) else None
   base, full = torch_logits(folder, x, lm, adapter)
   wanted = [("base", base, "none" if adapter else lowrank)] + ([("base + adapter", full, "adapter")] if adapter else [])

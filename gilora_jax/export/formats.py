@@ -17,7 +17,7 @@ from flax import nnx
 
 from gilora_jax import nn
 from gilora_jax.export import packing
-from gilora_jax.models import convert, qwen3
+from gilora_jax.models import convert, llama
 from gilora_jax.quant.grid import GridSpec
 
 FORMATS = ("ct", "gptq", "dense")
@@ -154,7 +154,7 @@ def _scheme_key(site: Site) -> tuple:
 
 def _regex_targets(architecture: str) -> list[str]:
   """Both the checkpoint names and transformers 5's module names (`module_names`) of the quantizable linears."""
-  if architecture == qwen3.ARCHITECTURE:
+  if architecture in llama.ARCHITECTURES:
     return [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
   return [r"re:.*attention\.attention\.(query|key|value)$", r"re:.*(attention\.output|intermediate|output)\.dense$",
           r"re:.*attention\.(q|k|v|o)_proj$", r"re:.*mlp\.fc(1|2)$"]
@@ -171,7 +171,7 @@ _V5_RENAMES = ((r"\.encoder\.layer\.", ".layers."), (r"attention\.attention\.que
 
 def module_names(architecture: str, name: str) -> list[str]:
   """The checkpoint name of a module and, where transformers 5 loads it under another, that name too."""
-  if architecture == qwen3.ARCHITECTURE:
+  if architecture in llama.ARCHITECTURES:
     return [name]
   renamed = name
   for pattern, repl in _V5_RENAMES:
@@ -274,7 +274,7 @@ def gptq_config(site: Site, zero_format: str, meta: dict[str, Any]) -> dict[str,
 
 def gptq_architecture_problem(architecture: str) -> str | None:
   """Why a model of `architecture` cannot be written as GPTQ (None when it can)."""
-  if architecture != qwen3.ARCHITECTURE:
+  if architecture not in llama.ARCHITECTURES:
     return (f"{architecture} cannot be exported as GPTQ: transformers loads GPTQ only for text models ('We can only "
             f"quantize pure text model'); use --format ct or --format dense.")
   return None
@@ -368,7 +368,7 @@ def adapter_config(model: nnx.Module, all_sites: list[Site], linears: list[str],
   shorts = sorted({s.short for s in adapted})
   short_ok = {n for n in linears if n.rsplit(".", 1)[-1] in shorts} == {s.hf for s in adapted}
   names = sorted({(n.rsplit(".", 1)[-1] if short_ok else n) for n in (adapter_name(arch, s.hf) for s in adapted)})
-  return {"peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.architecture == qwen3.ARCHITECTURE else None,
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM" if model.config.architecture in llama.ARCHITECTURES else None,
           "r": r, "lora_alpha": r, "lora_dropout": 0.0,
           "target_modules": names,
           "rank_pattern": {}, "alpha_pattern": {},

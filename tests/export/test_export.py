@@ -394,3 +394,30 @@ def test_the_source_config_keeps_no_stale_torch_dtype(qlm, lm_folder, tmp_path):
 def test_float_and_unknown_inputs_are_refused(tmp_path, lm_folder):
   with pytest.raises(ValueError, match="neither a gilora checkpoint"):
     ex.export(lm_folder, tmp_path / "a", format="ct")
+
+
+LLAMA_FAMILY = {  # a tied Qwen2 with q/k/v biases, an untied Llama with llama3 RoPE: the other ports' folders
+    "Qwen2ForCausalLM": dict(qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6),
+    "LlamaForCausalLM": dict(rope_type="llama3", rope_factor=8.0, rope_original_max_position_embeddings=16),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(LLAMA_FAMILY))
+def test_the_llama_family_exports_reloads_and_imports_back(architecture, tmp_path):
+  """ct (+ adapter, reloaded by transformers and peft in the self-check), gptq and dense for Llama and Qwen2."""
+  from gilora_jax.models import llama  # pylint: disable=import-outside-toplevel
+  from tests.pipeline.tiny import random_model  # pylint: disable=import-outside-toplevel
+
+  from .conftest import EXPORT_LM_CONFIG, quantize_randomly  # pylint: disable=import-outside-toplevel
+  base = {k: v for k, v in EXPORT_LM_CONFIG.items() if k in llama.ModelConfig.__dataclass_fields__}
+  cfg = llama.ModelConfig(**{**base, **LLAMA_FAMILY[architecture], "architecture": architecture})
+  model = quantize_randomly(random_model(llama.Llama, cfg, seed=4))
+  for fmt in ("ct", "gptq", "dense"):
+    res = ex.export(model, tmp_path / fmt, format=fmt)
+    assert res["check"], res
+    cfg_json = _json(os.path.join(res["out"], "config.json"))
+    assert cfg_json["architectures"] == [architecture]
+    if fmt != "dense":
+      _same_quantized(gj.load_model(res["out"]), model, "float16" if fmt == "gptq" else "float32")
+  ct = _json(os.path.join(tmp_path / "ct", "adapter", "adapter_config.json"))
+  assert ct["task_type"] == "CAUSAL_LM"
