@@ -100,7 +100,7 @@ def parse_rules(specs: list[str]) -> tuple[config_lib.Rule, ...]:
 
 # flags of a --model run; the comparison has none
 _MODEL_ONLY = ("out", "overwrite", "calib", "batch_size", "verify", "mesh", "coordinator", "num_processes",
-               "process_id")
+               "process_id", "offload_activations")
 
 
 def _mesh(a: argparse.Namespace):
@@ -129,7 +129,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         print(json.dumps(row))
       return 0
     base = {k: run.BUILTIN[k] for k in ("bits", "rank")}
-    cfg = config_lib.QuantConfig(layer=_layer_config(a, base), protocol=a.protocol, rules=parse_rules(a.rule))
+    cfg = config_lib.QuantConfig(layer=_layer_config(a, base), protocol=a.protocol, rules=parse_rules(a.rule),
+                                 activations=a.activations)
     cfg.validate()
     rows = run.builtin_comparison(None if a.vision_only else lm, None if a.lm_only else vit, config=cfg,
                                   nsamples=run.BUILTIN["nsamples"] if a.nsamples is None else a.nsamples,
@@ -138,7 +139,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     for row in rows:
       print(json.dumps(row))
     return 0
-  cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=parse_rules(a.rule))
+  cfg = config_lib.QuantConfig(layer=_layer_config(a), protocol=a.protocol, rules=parse_rules(a.rule),
+                               activations=a.activations)
+  cfg.validate()
   mesh = _mesh(a)
 
   from tqdm.contrib.logging import logging_redirect_tqdm  # pylint: disable=import-outside-toplevel
@@ -147,7 +150,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                                   nsamples=128 if a.nsamples is None else a.nsamples, seqlen=a.seqlen,
                                   batch_size=8 if a.batch_size is None else a.batch_size, seed=cfg.layer.seed,
                                   overwrite=a.overwrite, verify=a.verify is not False, progress=run.progress_bar,
-                                  mesh=mesh)
+                                  mesh=mesh, offload=a.offload_activations)
   print(json.dumps(summary))
   return 0
 
@@ -272,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, help="calibration windows or images per forward pass (default 8)")
   p.add_argument("--protocol", choices=config_lib.PROTOCOLS, default="quantized", help="inputs of block i+1 from the "
                  "quantized block i (GPTQ's protocol) or from the float one (the paper's); default %(default)s")
+  p.add_argument("--activations", choices=config_lib.ACTIVATIONS, default="float32", help="dtype of the calibration "
+                 "activations kept between blocks (bfloat16: half the memory; Hessians stay float32); default "
+                 "%(default)s")
+  p.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None, help="keep the "
+                 "calibration activations on the host, one batch on the device at a time (default: when they would "
+                 "take more than half the device's free memory)")
   p.add_argument("--rule", action="append", default=[], metavar="REGEX=key:value,...", help="per-module override of "
                  "any layer option on module paths (e.g. 'layers\\.0\\..*=bits:4' or '.*down_proj=skip'); repeatable, "
                  "first match wins")
@@ -349,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     return a.func(a)
   except config_lib.OptionError as e:  # an option: named as the flag
     return _fail(e.render(cli=True))
-  except (OSError, ValueError) as e:  # user errors (missing folder, unsupported model, short text): no traceback
+  except (OSError, ValueError, MemoryError) as e:  # user errors (missing folder, short text, too many samples)
     return _fail(str(e))
   except RuntimeError as e:  # a collective of a multi-host run failed: a peer died (XLA's error, one line of it)
     if not _multi_process():

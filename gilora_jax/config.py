@@ -29,6 +29,10 @@ from gilora_jax.quant.grid import GridSpec, OptionError
 
 METHODS = ("rtn", "gptq", "gptq+lorc", "gptq+olrc", "gilora", "srr")
 PROTOCOLS = ("quantized", "fp")
+# How one block's calibration activations (every sample's inputs) are stored between blocks: "float32" as the
+# model computes them, or "bfloat16" (half the memory; each block still computes, and forms its Hessians, in
+# float32 from the rounded inputs).
+ACTIVATIONS = ("float32", "bfloat16")
 FACTORS = ("cholesky", "eigh")
 BIDUP_ORDERS = ("forward", "backward", "both")
 SRR_SCALINGS = ("identity", "diag", "exact")
@@ -145,15 +149,19 @@ class QuantConfig:
 
   protocol="quantized": block i + 1 is calibrated on the quantized block i's outputs (GPTQ's protocol);
   protocol="fp": on the float model's (the paper's, following Qronos).
+  activations: the dtype the calibration activations are kept in between blocks (`ACTIVATIONS`).
   """
   layer: LayerConfig = LayerConfig()
   protocol: str = "quantized"
   rules: tuple[Rule, ...] = ()
+  activations: str = "float32"
 
   def validate(self) -> None:
     self.layer.validate()
     if self.protocol not in PROTOCOLS:
       raise OptionError("protocol", self.protocol, f"is unknown; choose one of {PROTOCOLS}.")
+    if self.activations not in ACTIVATIONS:
+      raise OptionError("activations", self.activations, f"is unknown; choose one of {ACTIVATIONS}.")
     for rule in self.rules:
       try:
         re.compile(rule.pattern)
@@ -174,12 +182,16 @@ class QuantConfig:
     return self.layer
 
   def to_json(self) -> dict[str, Any]:
-    return {"layer": self.layer.to_json(), "protocol": self.protocol,
-            "rules": [{"pattern": r.pattern, "set": dict(r.set), "skip": r.skip} for r in self.rules]}
+    out = {"layer": self.layer.to_json(), "protocol": self.protocol,
+           "rules": [{"pattern": r.pattern, "set": dict(r.set), "skip": r.skip} for r in self.rules]}
+    if self.activations != "float32":  # left out at its default: configs (and runs) from before it read the same
+      out["activations"] = self.activations
+    return out
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> QuantConfig:
     return cls(layer=LayerConfig.from_json(d.get("layer", {})), protocol=d.get("protocol", "quantized"),
+               activations=d.get("activations", "float32"),
                rules=tuple(Rule(r["pattern"], skip=r.get("skip", False), **r.get("set", {}))
                            for r in d.get("rules", ())))
 

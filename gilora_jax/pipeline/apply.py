@@ -25,6 +25,7 @@ resumed result is bit-identical (XLA on one machine is deterministic for a given
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -32,6 +33,7 @@ import time
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -133,29 +135,109 @@ class QuantizeOutput(NamedTuple):
   stages: dict[str, Any] | None = None
 
 
-# Jitted per-block steps. The graphdef is static: blocks of one structure compile once.
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, inputs):
-  return nnx.merge(graphdef, state).embed(inputs)
+# Jitted per-block steps. The graphdef is static: blocks of one structure compile once. Activations stored in
+# bfloat16 (QuantConfig.activations) enter each block in float32 and leave it rounded again.
+def _compute(x):
+  return x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _embed(graphdef, state, inputs, store=None):
+  x = nnx.merge(graphdef, state).embed(inputs)
+  return x if store is None else x.astype(store)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _block_forward(graphdef, state, x):
-  y, _ = nnx.merge(graphdef, state)(x)
-  return y
+  y, _ = nnx.merge(graphdef, state)(_compute(x))
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _block_stats(graphdef, state, x, mask, stats):
-  _, taps = nnx.merge(graphdef, state)(x)
+  _, taps = nnx.merge(graphdef, state)(_compute(x))
   return calib_lib.accumulate(stats, taps, mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _block_stats_forward(graphdef, state, x, mask, stats):
   """The fp protocol's one pass: the float block's Hessians and its output (the next block's input) together."""
-  y, taps = nnx.merge(graphdef, state)(x)
-  return y, calib_lib.accumulate(stats, taps, mask)
+  y, taps = nnx.merge(graphdef, state)(_compute(x))
+  return y.astype(x.dtype), calib_lib.accumulate(stats, taps, mask)
+
+
+class _Activations:
+  """One block's calibration activations, batch by batch: on the device, or with `offload` on the host (NumPy),
+  each batch moved to the device for its step and back (`put` places it: on a mesh, over "data")."""
+
+  def __init__(self, xs: list, offload: bool, put: Callable[[Any], Any]):
+    self.offload, self.put = offload, put
+    self.describe, self.fit = "", None  # sizes, and how many samples fit on the device (`_activations`)
+    self.xs = [np.asarray(jax.device_get(x)) for x in xs] if offload else list(xs)
+
+  def __len__(self) -> int:
+    return len(self.xs)
+
+  def __iter__(self):
+    return iter(self.xs)
+
+  def get(self, k: int):
+    return self.put(self.xs[k]) if self.offload else self.xs[k]
+
+  def set(self, k: int, y) -> None:
+    self.xs[k] = np.asarray(jax.device_get(y)) if self.offload else y
+
+  def ready(self) -> _Activations:
+    if not self.offload:
+      jax.block_until_ready(self.xs)
+    return self
+
+  def nbytes(self) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in self.xs)
+
+
+def _activations(xs: list, offload: bool | None, put: Callable[[Any], Any], calib: Sequence[Any],
+                 config: QuantConfig) -> _Activations:
+  """The embedded batches as `_Activations`, offloaded when asked, or (None) when a block's inputs and outputs
+  would take more than half the device's free memory; logged either way with the sizes."""
+  acts = _Activations(xs, bool(offload), put)
+  free, need = _device_free_bytes(), 2 * acts.nbytes()  # a block's inputs and its outputs
+  if offload is None and free is not None and need > free // 2:
+    log.info("calibration activations %.2f GiB (×2 for a block's outputs) exceed half the device's free %.2f GiB: "
+             "kept on the host, one batch on the device at a time", need / 2 / 2**30, free / 2**30)
+    acts = _Activations(acts.xs, True, put)
+  n = sum(np.shape(b.inputs)[0] for b in calib)
+  acts.describe = (f"{n} samples × {'×'.join(map(str, np.shape(xs[0])[1:]))} in {config.activations}: "
+                   f"{need / 2 / 2**30:.2f} GiB a block's inputs")
+  acts.fit = None if free is None else max(0, int(n * (free // 2) / max(need, 1)))
+  return acts
+
+
+@contextlib.contextmanager
+def _device_memory(xs: _Activations, i: int):
+  """A device out-of-memory error in block i's work becomes one line: how big the activations are, how many
+  samples fit, what to pass."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (XLA's error type varies across versions)
+    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+      raise
+    where = "on the host" if xs.offload else "on the device"
+    fit = "" if xs.fit is None else f"; about {xs.fit} samples fit on the device"
+    raise MemoryError(f"block {i} ran out of device memory with the calibration activations {where} "
+                      f"({xs.describe}){fit}: pass fewer --nsamples or a smaller --batch-size, --activations "
+                      f"bfloat16, or --offload-activations (they then stay on the host).") from None
+
+
+def _device_free_bytes() -> int | None:
+  """Free memory of the first local device, where the backend reports it (GPUs, TPUs; not the CPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
 def _abstract(module: nnx.Module) -> bool:
@@ -163,27 +245,28 @@ def _abstract(module: nnx.Module) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(module)))
 
 
-def _calibrate(block: nnx.Module, xs: list[jax.Array], masks: Sequence[Any], d_in: dict[str, int],
+def _calibrate(block: nnx.Module, xs: _Activations, masks: Sequence[Any], d_in: dict[str, int],
                forward: bool) -> dict[str, hessian.HessianStats]:
   """The block's Hessians over every batch; with `forward`, each batch's activations replaced by the block's
   output in the same pass (in place: at most one block's worth plus one batch is alive)."""
   stats = calib_lib.init_stats(d_in)
   graphdef, state = nnx.split(block)
-  for k, (x, mask) in enumerate(zip(xs, masks)):
+  for k, mask in enumerate(masks):
     if forward:
-      xs[k], stats = _block_stats_forward(graphdef, state, x, mask, stats)
+      y, stats = _block_stats_forward(graphdef, state, xs.get(k), mask, stats)
+      xs.set(k, y)
     else:
-      stats = _block_stats(graphdef, state, x, mask, stats)
+      stats = _block_stats(graphdef, state, xs.get(k), mask, stats)
   return jax.block_until_ready(stats)
 
 
-def _forward(block: nnx.Module, xs: list[jax.Array]) -> list[jax.Array]:
+def _forward(block: nnx.Module, xs: _Activations) -> _Activations:
   """Replaces each batch's activations by the block's output, in place, so at most one block's worth (plus one
   batch) is alive at any time."""
   graphdef, state = nnx.split(block)
-  for k, x in enumerate(xs):
-    xs[k] = _block_forward(graphdef, state, x)
-  return xs
+  for k in range(len(xs)):
+    xs.set(k, _block_forward(graphdef, state, xs.get(k)))
+  return xs.ready()
 
 
 def _quantize_linear(linear: nnx.Linear, site: hessian.Site, cfg: LayerConfig, mesh=None):
@@ -215,7 +298,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
                    resume: Resume | None = None,
                    after_block: Callable[[int, nnx.Module, list[LayerRecord]], None] | None = None,
                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None, check: bool = True,
-                   stream: Any = None, mesh: jax.sharding.Mesh | None = None, **kwargs: Any) -> QuantizeOutput:
+                   stream: Any = None, mesh: jax.sharding.Mesh | None = None, offload: bool | None = None,
+                   **kwargs: Any) -> QuantizeOutput:
   """Quantizes every chosen linear of `model`, block by block; returns a new model and the per-layer records.
 
   Args:
@@ -237,6 +321,9 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       activations data-parallel, weights split over "model", each layer's math split over its output columns
       (`gilora_jax.sharding` says where everything lives). Every batch's rows must divide over "data". The
       result equals the single-device one up to the order of the cross-device sums (the Hessians' all-reduce).
+    offload: keep the calibration activations on the host and move one batch at a time to the device (the same
+      numbers, slower); None: only when they would take more than half the device's free memory (where the
+      device reports it: GPUs, TPUs). Their dtype is `config.activations`.
 
   Returns:
     `QuantizeOutput(model, records, stages)`: the quantized model (a copy), one `LayerRecord` per quantized
@@ -284,8 +371,14 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     shell.layers = nnx.List([])
   lap("read")
   graphdef, state = nnx.split(on_mesh(shell))
-  xs = jax.block_until_ready([_embed(graphdef, state, put_batch(np.asarray(b.inputs))) for b in calib])
+  store = None if config.activations == "float32" else jnp.dtype(config.activations)
+  xs = []
+  for b in calib:  # embedded batch by batch; with offload each goes to the host before the next is made
+    xs.append(jax.block_until_ready(_embed(graphdef, state, put_batch(np.asarray(b.inputs)), store)))
+    if offload:
+      xs[-1] = np.asarray(jax.device_get(xs[-1]))
   del shell, graphdef, state
+  xs = _activations(xs, offload, put_batch, calib, config)
   lap("embed")
   d_in_of = lambda block: {site: get_path(block, paths[0]).kernel.shape[0]  # noqa: E731
                            for site, paths in sites.items()}
@@ -294,7 +387,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       fb = on_mesh(clone(float_block(i)))
       _calibrate(fb, xs, masks, d_in_of(fb), forward=True)
     else:
-      xs = jax.block_until_ready(_forward(on_mesh(clone(new.layers[i])), xs))
+      xs = _forward(on_mesh(clone(new.layers[i])), xs)
   lap("resume")
 
   blocks = range(start, num_blocks)
@@ -302,7 +395,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     timing: dict[str, Any] = {"block": i}
     block = on_mesh(clone(float_block(i)))  # still all-float: surgery happens after the Hessians are collected
     lap("read", timing)
-    stats = _calibrate(block, xs, masks, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
+    with _device_memory(xs, i):
+      stats = _calibrate(block, xs, masks, d_in_of(block), forward=fp)  # fp: xs now hold block i + 1's inputs
     lap("calibration", timing)
     for site, paths in sites.items():
       chosen = [(rel, config.for_module(f"layers.{i}.{rel}")) for rel in paths]
@@ -331,7 +425,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
     new.layers[i] = block
     lap("quantize", timing)
     if not fp and i + 1 < num_blocks:  # the last block's outputs feed nothing
-      xs = jax.block_until_ready(_forward(on_mesh(clone(block)) if mesh is not None else block, xs))
+      with _device_memory(xs, i):
+        xs = _forward(on_mesh(clone(block)) if mesh is not None else block, xs)
     lap("propagate", timing)
     if after_block is not None:
       after_block(i, new, records)

@@ -146,14 +146,14 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
                     nsamples: int = 128, seqlen: int = 256, batch_size: int = 8, seed: int = 0,
                     overwrite: bool = False, verify: bool = True,
                     progress: Callable[[int, int], Callable[[Iterable[int]], Iterable[int]]] | None = None,
-                    mesh: Any = None) -> dict[str, Any]:
+                    mesh: Any = None, offload: bool | None = None) -> dict[str, Any]:
   """Quantizes the HF model folder `model` into the checkpoint `out` (module docstring); returns the summary.
 
   `progress(total, initial)` may return a wrapper of the block iterator (a tqdm bar). `verify=False` skips the
   SHA-256 check of a partial checkpoint being resumed. `mesh`: run on a `jax.sharding.Mesh`
   (`gilora_jax.sharding`); in a multi-host run every process calls this with the same arguments, each reads
   the weight slices its devices hold, and process 0 alone writes (the output folder must be on a file system
-  every process reads, for resuming).
+  every process reads, for resuming). `offload`: `apply.quantize_model`'s (calibration activations on the host).
   """
   t_start = time.perf_counter()
   at_least("nsamples", nsamples)
@@ -226,7 +226,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(skeleton, cal.batches, config, resume=resume, after_block=after_block,
                                   progress=wrap if writer else None, check=False, stream=lazy,
-                                  mesh=mesh)  # checked above, on the same shapes
+                                  mesh=mesh, offload=offload)  # checked above, on the same shapes
     del skeleton
     stages.update(result.stages, quantize_model=round(time.perf_counter() - t0, 3))
     stages["checkpoint"] = stages.pop("after_block")  # our after_block writes the block's shard

@@ -8,7 +8,7 @@ from flax import nnx
 import gilora_jax as gj
 from gilora_jax.pipeline import apply, calib, ckpt
 from gilora_jax.models import qwen3
-from gilora_jax import nn
+from gilora_jax import config, nn
 from gilora_jax.nn import QuantizedLinear, pack_codes
 from gilora_jax.quant import hessian
 
@@ -137,3 +137,46 @@ def test_quant_config_json_round_trip():
                                     apply.Rule(r".*q_proj", skip=True)))
   assert config.layer.grid.mse and config.layer.refine.loops == 1
   assert apply.QuantConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def _code_list(model):
+  return [np.asarray(m.codes[...]) for _, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)]
+
+
+def test_offloaded_activations_give_the_same_code_list(lm, lm_calib):
+  on_device = apply.quantize_model(lm, lm_calib, method="gptq", bits=3)
+  on_host = apply.quantize_model(lm, lm_calib, method="gptq", bits=3, offload=True)
+  assert all((a == b).all() for a, b in zip(_code_list(on_device.model), _code_list(on_host.model)))
+  assert [r.rel_err for r in on_device.records] == [r.rel_err for r in on_host.records]
+
+
+def test_bfloat16_activations_are_stored_rounded_and_computed_in_float32(lm, lm_calib, monkeypatch):
+  seen = []
+  calibrate = apply._calibrate  # pylint: disable=protected-access
+
+  def spy(block, xs, *args, **kw):
+    seen.append(xs.get(0).dtype)
+    stats = calibrate(block, xs, *args, **kw)
+    seen.extend(s.xtx.dtype for s in stats.values())
+    return stats
+  monkeypatch.setattr(apply, "_calibrate", spy)
+  cfg = apply.QuantConfig(layer=apply.make_config(method="gptq", bits=3).layer, activations="bfloat16")
+  bf16 = apply.quantize_model(lm, lm_calib, cfg)
+  assert set(seen) == {jnp.dtype("bfloat16"), jnp.dtype("float32")} and seen[0] == jnp.bfloat16
+  f32 = apply.quantize_model(lm, lm_calib, method="gptq", bits=3)
+  diffs = [abs(a.rel_err - b.rel_err) / b.rel_err for a, b in zip(bf16.records, f32.records)]
+  assert np.median(diffs) < 0.05 and max(diffs) < 0.25, diffs  # rounded inputs: close, not equal
+  assert any((a != b).any() for a, b in zip(_code_list(bf16.model), _code_list(f32.model)))
+  with pytest.raises(config.OptionError, match="activations"):
+    apply.QuantConfig(activations="float16").validate()
+
+
+def test_out_of_device_memory_says_how_big_the_activations_are_and_what_to_pass(lm, lm_calib, monkeypatch):
+  def oom(*args, **kw):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.00GiB.")
+  monkeypatch.setattr(apply, "_calibrate", oom)
+  with pytest.raises(MemoryError, match=r"block 0 ran out of device memory with the calibration activations on the "
+                     r"device \(4 samples × 24×64 in float32: .* GiB a block's inputs\): pass fewer --nsamples .*"
+                     r"--offload-activations") as e:
+    apply.quantize_model(lm, lm_calib, method="gptq", bits=3)
+  assert "\n" not in str(e.value)
