@@ -192,8 +192,9 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     done = _check_partial(partial, run, quant, fix)
     sharding_lib.barrier("partial read")  # every process has read the partial run before the writer changes it
     t = time.perf_counter()
-    # Streaming: the embeddings, norms and head now, each block's float weights when its turn comes (one block
-    # resident at a time; every tensor's shape was checked against the config from the safetensors headers).
+    # Streaming: each block's float weights when its turn comes (one block resident at a time), the embeddings,
+    # norms and head once to write them and once for the embedding pass; every tensor's shape was checked
+    # against the config from the safetensors headers.
     lazy = convert.LazyHF(folder, param_dtype="stored")  # bf16 weights stay bf16 (computed in float32)
     skeleton = lazy.abstract  # no weight held: blocks are read in turn, the rest only for the embedding pass
     stages["load"] = round(time.perf_counter() - t, 3)
@@ -239,7 +240,7 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     meta = {"run": run, "source": folder, "records": records,
             "quant": {**quant, "blocks_done": quant["num_blocks"], "sites": nn.quantized_specs(result.model)}}
     if writer:
-      # the blocks are the shards just written, linked in: only the embeddings, norms and head are written again
+      # the block shards and the outside weights written at the start, linked in: nothing is serialised again
       ckpt.save_assembled(out, result.model,
                           [partial_lib.block_dir(partial, i) for i in range(quant["num_blocks"])], meta,
                           overwrite=overwrite, files=side, outside_dir=partial_lib.outside_dir(partial))
