@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="check every file of a checkpoint against its recorded SHA-256 before use (default on)")
 
   p = sub.add_parser("quantize", help="quantize a model; without --model, the built-in comparison")
-  p.add_argument("--model", help="local HF model folder (Qwen3, DeiT/ViT); without it, the built-in comparison")
+  p.add_argument("--model", help="local HF model folder (Llama, Qwen2, Qwen3, Mistral, DeiT/ViT); without it, the "
+                 "built-in comparison")
   p.add_argument("--out", help="output checkpoint folder (default ./<model>-<method>-w<bits>); an unfinished run "
                  "keeps its finished blocks in OUT.partial and resumes from them when the command is run again")
   p.add_argument("--overwrite", action="store_true", default=None, help="replace a finished gilora checkpoint at "
