@@ -1,7 +1,8 @@
 """Block-by-block quantization of a whole model: `quantize_model(model, calib, ...) -> (new model, records)`.
 
 The model must expose the three-step calibration interface of `gilora_jax.models` (`embed`, `layers`, `head`;
-each block returns `(x, taps)`) and a `QUANT_SITES` table in its module (`llama` for the Llama family, Qwen3 included; `deit`). For each block i:
+each block returns `(x, taps)`) and a `QUANT_SITES` table in its module (`llama`: the Llama family, Qwen3
+included; `deit`). For each block i:
 
   1. every calibration batch's block-i input goes through the *float* block once; its taps are folded into one
      float32 Hessian XᵀX per input site (q/k/v share one, gate/up share one); padding tokens are masked out;
