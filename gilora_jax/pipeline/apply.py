@@ -300,7 +300,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
                    after_block: Callable[[int, nnx.Module, list[LayerRecord]], None] | None = None,
                    progress: Callable[[Iterable[int]], Iterable[int]] | None = None, check: bool = True,
                    stream: Any = None, mesh: jax.sharding.Mesh | None = None, offload: bool | None = None,
-                   **kwargs: Any) -> QuantizeOutput:
+                   outside: Callable[[], nnx.Module | None] | None = None, **kwargs: Any) -> QuantizeOutput:
   """Quantizes every chosen linear of `model`, block by block; returns a new model and the per-layer records.
 
   Args:
@@ -317,7 +317,8 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
       weights are resident at a time; the result is the same as from the loaded model. `model` may also be
       wholly abstract (`stream.abstract`): the weights outside the blocks are then read for the embedding pass
       and dropped after it, and the returned model holds only their shapes (`gilora quantize` wrote them to
-      disk first).
+      disk first). `outside`: called once instead of that read, it may hand over a model whose weights outside
+      the blocks are already in memory (the caller then keeps no reference, so they are freed after the pass).
     mesh: run on the devices of a `jax.sharding.Mesh` with axes ("data", "model") (`sharding.make_mesh`):
       activations data-parallel, weights split over "model", each layer's math split over its output columns
       (`gilora_jax.sharding` says where everything lives). Every batch's rows must divide over "data". The
@@ -367,8 +368,10 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
   masks = [None if b.mask is None else put_batch(np.asarray(b.mask, bool)) for b in calib]
   shell = clone(model)
   shell.layers = nnx.List([])  # the model without its blocks: what embedding needs (the blocks may be abstract)
-  if stream is not None and _abstract(shell):  # read for the embedding pass only, dropped after it
-    shell = stream.load(skip="layers")
+  if stream is not None and _abstract(shell):  # read (or handed over) for the embedding pass only, dropped after
+    handed = None if outside is None else outside()
+    shell = stream.load(skip="layers") if handed is None else handed
+    del handed
     shell.layers = nnx.List([])
   lap("read")
   graphdef, state = nnx.split(on_mesh(shell))

@@ -206,10 +206,12 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     elif done is None and writer:
       partial_lib.start(partial, run, quant)
     t_out = time.perf_counter()
+    handover = []  # the outside weights just written, handed to the embedding pass (read once, then freed)
     if writer and not partial_lib.has_outside(partial, verify=verify, fix=fix):
       # the embeddings, norms and head are written first, while nothing else is in memory: the output links
       # them in at the end, so the run never holds them beside a block (2.3 GiB of an 8B model in bf16)
-      partial_lib.save_outside(partial, lazy.load(skip="layers"))
+      handover.append(lazy.load(skip="layers"))
+      partial_lib.save_outside(partial, handover[0])
     sharding_lib.barrier("outside written")
     stages["write_outside"] = round(time.perf_counter() - t_out, 3)
 
@@ -227,7 +229,8 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
     wrap = None if progress is None else progress(quant["num_blocks"], 0 if resume is None else resume.blocks_done)
     result = apply.quantize_model(skeleton, cal.batches, config, resume=resume, after_block=after_block,
                                   progress=wrap if writer else None, check=False, stream=lazy,
-                                  mesh=mesh, offload=offload)  # checked above, on the same shapes
+                                  mesh=mesh, offload=offload,  # checked above, on the same shapes
+                                  outside=lambda: handover.pop() if handover else None)
     del skeleton
     stages.update(result.stages, quantize_model=round(time.perf_counter() - t0, 3))
     stages["checkpoint"] = stages.pop("after_block")  # our after_block writes the block's shard
