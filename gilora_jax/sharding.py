@@ -178,8 +178,7 @@ def place(x: Any, sharding: NamedSharding) -> jax.Array:
 
 def place_module(module: nnx.Module, mesh: Mesh) -> nnx.Module:
   """``module`` with every array placed by ``param`` (in place; returned for chaining)."""
-  graphdef, state = nnx.split(module)
-  state = jax.tree.map(lambda a: place(a, param(mesh, np.shape(a))), state)
+  state = jax.tree.map(lambda a: place(a, param(mesh, np.shape(a))), nnx.state(module))
   nnx.update(module, state)
   return module
 

@@ -179,9 +179,6 @@ class _Activations:
   def __len__(self) -> int:
     return len(self.xs)
 
-  def __iter__(self):
-    return iter(self.xs)
-
   def get(self, k: int):
     return self.put(self.xs[k]) if self.offload else self.xs[k]
 
