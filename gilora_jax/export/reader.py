@@ -160,8 +160,19 @@ def _check_symmetric_zeros(zeros: np.ndarray, bits: int, fmt: str, name: str, wh
 
 
 def _check_ct_config(qc: dict[str, Any], where: str) -> None:
-  """Refuses activation quantization: a `QuantizedLinear` holds a weight grid and computes in float, so a W4A8
-  checkpoint read weight-only would compute something its producer never evaluated."""
+  """Refuses what a weight-only read would silently drop: activation or KV-cache quantization (a `QuantizedLinear`
+  holds a weight grid and computes in float, so a W4A8 checkpoint read weight-only would compute something its
+  producer never evaluated), and sparsity or transform (rotation) configs, whose weights decode to the model only
+  with the mask or the rotation applied."""
+  if qc.get("kv_cache_scheme"):
+    kv = qc["kv_cache_scheme"]
+    raise ValueError(f"{where}: kv_cache_scheme quantizes the KV cache ({kv.get('num_bits')}-bit {kv.get('type')}); "
+                     f"gilora reads weight-only schemes, whose KV cache stays in float; export without a KV-cache "
+                     f"scheme.")
+  for field, what in (("sparsity_config", "sparsity"), ("transform_config", "transforms (rotations)")):
+    if qc.get(field):
+      raise ValueError(f"{where}: {field} applies {what} the weights only decode with; gilora reads dense "
+                       f"weight-only schemes; export without {field}.")
   for group_name, group in (qc.get("config_groups") or {}).items():
     for field in ("input_activations", "output_activations"):
       act = group.get(field)

@@ -213,6 +213,21 @@ def test_activation_quantization_in_a_ct_config_is_refused(lm_ct, tmp_path):
     gj.load_model(folder)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("kv_cache_scheme", {"num_bits": 8, "type": "float", "strategy": "tensor"}, r"quantizes the KV cache \(8-bit"),
+    ("sparsity_config", {"format": "sparse-24-bitmask", "targets": ["Linear"]}, r"sparsity_config applies sparsity"),
+    ("transform_config", {"config_groups": {"u": {"type": "hadamard"}}}, r"transform_config applies transforms"),
+])
+def test_kv_cache_sparsity_and_transform_configs_are_refused(lm_ct, tmp_path, field, value, message):
+  folder = str(tmp_path / field)
+  shutil.copytree(lm_ct["out"], folder)
+  config = _json(os.path.join(folder, "config.json"))
+  config["quantization_config"][field] = value
+  _rewrite_json(os.path.join(folder, "config.json"), **config)
+  with pytest.raises(ValueError, match=message + r".*export without"):
+    gj.load_model(folder)
+
+
 def test_dense_qwen3_matches_our_quantized_model_in_float32(qlm, out):
   s = ex.export(qlm, out / "lm_dense", format="dense")
   assert s["lowrank"] == "merge" and not os.path.exists(out / "lm_dense" / "adapter")
