@@ -181,7 +181,7 @@ def quantize_layer(
     damp: relative damping, ``λ = damp · mean diag H`` (gilora: of the augmented Hessian). Escalated × 10 with a
       logged warning while a factorisation fails, up to 4 times; then ``ValueError``.
     act_order: visit input rows by decreasing ``H_ii`` (with groups, static groups fitted on W up front).
-    seed: PRNG seed (SRR's random probe).
+    seed: PRNG seed (kept for compatibility: SRR's criteria no longer draw a random probe).
     config: a whole ``LayerConfig`` instead of the flat options (which must then stay at their defaults).
     **options: the other ``LayerConfig`` fields by their flat names (``config.FIELDS``): ``static_groups``,
       ``shrink``, ``mse``, ``block_size``, ``factor``, ``final_olrc``, ``bidup_order``, ``bidup_deflated``,
