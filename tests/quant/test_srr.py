@@ -77,17 +77,17 @@ def test_criterion_prefers_preserving_a_dominant_subspace():
 
 def test_criterion_is_near_the_brute_force_best_and_seed_free():
   """Trying every k = 0..r is the ground truth; the criterion's k (the same for every seed) costs at most 20 %
-  over the best k here (measured: k 0 vs best 5, 1.16×; on problems.layer(decay=6) 1.07×, with outliers 1.00×,
-not run here to keep CI short). The final OLrC can only lower the damped objective (objective[-1] ≤ objective[0]) on
+  over the best k here (r = 4 to keep CI short; at r = 6 the step-aware k alone measured 1.16× here, 1.07× on
+problems.layer(decay=6), 1.00× with outliers; the built-in LM is the harder case, BENCHMARKS.md). The final OLrC can only lower the damped objective (objective[-1] ≤ objective[0]) on
   every split."""
   W, H = problems.spectral_drop(seed=5)
-  r = 6
+  r = 4
   runs = [gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=r, srr_k=k).report
           for k in range(r + 1)]
   for rep in runs:
     assert rep.objective[-1] <= rep.objective[0] * (1 + 1e-6), rep.objective  # up to float32 round-off
   errs = [rep.rel_err for rep in runs]
-  ks = {gj.quantize_layer(W, H, method="srr", bits=3, rank=r, seed=seed).report.srr_k for seed in range(3)}
+  ks = {gj.quantize_layer(W, H, method="srr", bits=3, rank=r, seed=seed).report.srr_k for seed in (0, 7)}
   assert len(ks) == 1, ks
   (k,) = ks
   assert errs[k] <= 1.20 * min(errs), (k, errs)
