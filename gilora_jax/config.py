@@ -57,7 +57,7 @@ class RefineOptions:
   loops: int = 0
   order: str = "forward"    # Bid-Up's row order: "forward", "backward", "both"
   deflated: bool = False    # Bid-Up on the Schur complement of L (re-optimises R jointly)
-  final_olrc: bool = True   # gilora with loops = 0: one OLrC of its Q
+  final_olrc: bool = True   # gilora and srr with loops = 0: one OLrC of their Q
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,11 +215,11 @@ FIELDS: dict[str, tuple[str, str]] = {
     "factor": ("gptq.factor", f"the factor of H_λ: {' or '.join(FACTORS)} (Paper A's GPTQ*)"),
     "bidup_order": ("refine.order", f"Bid-Up's row order: {', '.join(BIDUP_ORDERS)}"),
     "bidup_deflated": ("refine.deflated", "Bid-Up on the Schur complement of L, re-optimising R jointly"),
-    "final_olrc": ("refine.final_olrc", "gilora with no loops: one OLrC of its Q"),
+    "final_olrc": ("refine.final_olrc", "gilora/srr with no loops: one OLrC of the final Q"),
     "srr_scaling": ("srr.scaling", f"SRR's scaling: {', '.join(SRR_SCALINGS)}"),
     "srr_k": ("srr.k", "SRR's preserved rank; unset: the paper's criterion"),
     "srr_quantizer": ("srr.quantizer", f"SRR's base quantizer: {' or '.join(SRR_QUANTIZERS)}"),
-    "seed": ("seed", "PRNG seed (SRR's random probe, calibration sampling)"),
+    "seed": ("seed", "PRNG seed (calibration sampling)"),
     "diagnostics": ("diagnostics", f"what each layer's report holds: {', '.join(DIAGNOSTICS)} (auto: what the "
                     f"method computes anyway, and in a whole-model run or quantize-layer the final error; errors: "
                     f"the final error; full: every stage's error and gilora's bounds)"),

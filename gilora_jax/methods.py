@@ -5,7 +5,8 @@
   gptq+lorc  gptq.gptq → lowrank.lorc                         then the unweighted SVD of W − Q (ZeroQuant-V2)
   gptq+olrc  gptq.gptq → lowrank.olrc                         then the optimal weighted compensation (Paper A, Alg. 2)
   gilora     intrinsic.gilora (→ refine.refine, loops = 0)    GPTQ-intrinsic LoRA (Paper A, Alg. 3), then one OLrC
-  srr        srr.srr                                          preserve top-k, quantize the residual, reconstruct (Paper B)
+  srr        srr.srr (→ refine.refine, loops = 0)              preserve top-k, quantize the residual, reconstruct (Paper B),
+                                                              then one OLrC of the final Q
 
 Each entry maps `(W, site, cfg)` (the weight, its prepared `hessian.Site`, a `LayerConfig`) to a `MethodOutput`:
 the quantized part, the method's own low-rank term, the damping it used, and the factor that the refinement
@@ -107,5 +108,6 @@ assert tuple(METHODS) == config_lib.METHODS, "config.METHODS names the table's e
 
 
 def refines(cfg: LayerConfig) -> bool:
-  """Whether the refinement step runs after the method: loops requested, or gilora's final OLrC."""
-  return cfg.refine.loops > 0 or (cfg.method == "gilora" and cfg.refine.final_olrc)
+  """Whether the refinement step runs after the method: loops requested, or gilora's or SRR's final OLrC (for
+  fixed Q the optimum over every rank-r term, so it can only lower the damped objective)."""
+  return cfg.refine.loops > 0 or (cfg.method in ("gilora", "srr") and cfg.refine.final_olrc)

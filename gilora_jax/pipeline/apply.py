@@ -109,8 +109,7 @@ class LayerRecord(NamedTuple):
   rel_err_quantized: float | None
   rel_err_method: float | None
   rel_err: float | None
-  upper_bound: float | None
-  lower_estimate: float | None
+  upper_bound: float | None  # gilora only: Paper A's Cor. 3.9 bound (LayerReport.upper_bound)
   damp: float
   seconds: float
   config: dict  # the linear's whole LayerConfig (after rules), by flat name: what a records file needs to be read
@@ -287,7 +286,7 @@ def _log_record(r: LayerRecord) -> None:
   else:
     errors = (f"  rel_err {r.rel_err_quantized:.4g} (quantized) → {r.rel_err_method:.4g} ({r.method}) → "
               f"{r.rel_err:.4g} (final, {r.loops} loops)" + ("" if r.upper_bound is None else
-                                                             f"  bound {r.upper_bound:.4g}"))
+                                                             f"  Cor. 3.9 bound {r.upper_bound:.4g}"))
   log.info("block %d %s %d×%d %s %db r%d%s  %.2fs", r.block, r.path.split(".", 2)[-1], r.d_in, r.d_out, r.method,
            r.bits, r.rank, errors, r.seconds)
 
@@ -417,7 +416,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
             block=i, site=site, path=f"layers.{i}.{rel}", d_in=qlin.in_features, d_out=qlin.out_features,
             method=cfg.method, bits=cfg.grid.bits, rank=qlin.rank, group_size=cfg.grid.group_size,
             loops=cfg.refine.loops, rel_err_quantized=rep.rel_err_quantized, rel_err_method=rep.rel_err_method,
-            rel_err=rep.rel_err, upper_bound=rep.upper_bound, lower_estimate=rep.lower_estimate, damp=rep.damp,
+            rel_err=rep.rel_err, upper_bound=rep.upper_bound, damp=rep.damp,
             seconds=rep.seconds, config=cfg.flat())
         records.append(rec)
         _log_record(rec)

@@ -15,7 +15,10 @@ rank-r term of about ``r(N + N′ + 1) + 2`` real degrees of freedom, a covering
 resolution no better than ``range · (2B+1)^{−J/(J−1)}``, ``J = N N′ / (r(N + N′ + 1) + 2)``, transferred to the
 output through the smallest eigenvalue of H. The constants of the paper are not known; this module uses the
 uniform-cell variance ``ε²/12``, so the figure is an *estimate* of the scale of the best achievable error, not
-a certified bound:
+a certified bound. It is a worst case over a class of W, not a figure for a given W (a W on the grid has error
+~1e-32 against an estimate of 3.9e-6; on real layers it sits 30–30,000× below the achieved error), so
+``quantize_layer`` does not report it; the upper bound bounds GPTQ-intrinsic LoRA only and is reported for gilora
+only:
 
     D_low ≈ λ_min(H) · Σ_j N · (range_j · (2B+1)^{−J/(J−1)})² / 12,   2B + 1 = 2^bits.
 

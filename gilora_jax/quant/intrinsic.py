@@ -60,17 +60,24 @@ def deflate(H: jax.Array, rank: int, damp: float | jax.Array,
     H: (N, N) Hessian XᵀX (undamped; dead features fixed).
     rank: r, static.
     damp: relative damping; ``λ = damp · (tr H + Σ_{i≤r} σ_i²) / (N + r)``.
-    eig: H's eigenpairs in descending order (``linalg.eigh_desc``) when already computed (a site's).
+    eig: H's full eigendecomposition in descending order (``linalg.eigh_desc``) when already computed (a
+      site's); S is assembled from it (``V diag(d) Vᵀ``, every ``d ≥ λ``), so it is positive definite even in
+      float32 at small damping.
 
   Returns:
     ``IntrinsicHessian(S, V, shrink, lam)``.
   """
   N = H.shape[0]
-  sig2, V = hessian.top_eigh(H, rank) if eig is None else (eig[0][:rank], eig[1][:, :rank])
-  sig2 = jnp.maximum(sig2, 0.0)
+  e, V = linalg.eigh_desc(H) if eig is None else eig
+  e = jnp.maximum(e, 0.0)
+  sig2, Vr = e[:rank], V[:, :rank]
   lam = damp * (jnp.trace(H) + jnp.sum(sig2)) / (N + rank)
-  S = hessian.shifted(H, lam) - jnp.matmul(V * (sig2**2 / (sig2 + lam))[None, :], V.T, precision=HIGHEST)
-  return IntrinsicHessian(0.5 * (S + S.T), V, sig2 / (sig2 + lam), lam)
+  # S from the eigenpairs, not as H + λI − V_r diag(σ⁴/(σ²+λ)) V_rᵀ: that difference cancels σ² ≈ σ⁴/(σ²+λ) to
+  # round-off of the largest eigenvalue, which in float32 at small damping turns S indefinite (and forces
+  # damping escalation); here every eigenvalue is ≥ λ by construction.
+  d = jnp.concatenate([lam * sig2 / (sig2 + lam), e[rank:]]) + lam
+  S = jnp.matmul(V * d[None, :], V.T, precision=HIGHEST)
+  return IntrinsicHessian(0.5 * (S + S.T), Vr, sig2 / (sig2 + lam), lam)
 
 
 def ridge_r(ih: IntrinsicHessian, E: jax.Array) -> jax.Array:

@@ -8,8 +8,10 @@ For the damped objective ``f(Q, L, R) = tr((W − Q − LR)ᵀ H_λ (W − Q −
                                         or, ``deflated``, over (Q, R) jointly on the Schur complement of L)
   L, R ← OLrC(W − Q)
 
-Each step minimises f exactly over its block of variables, so the recorded objective (one value after every
-step, ``RefineResult.objective``) never increases in exact arithmetic. ``loops = 0`` is the single OLrC that
+Each step minimises f exactly over its block of variables, so the objective never increases in exact arithmetic.
+In floating point a step can still rise (float32 near rank = d_in, where the deflated Hessian is nearly
+singular), so every step is evaluated and kept only if it does not raise the objective (accept/reject): the
+recorded objective (one value after every step, ``RefineResult.objective``) never increases, in any arithmetic. ``loops = 0`` is the single OLrC that
 Paper A applies after GPTQ-intrinsic LoRA.
 
 References:
@@ -55,8 +57,9 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     order, deflated, block_size: Bid-Up's options (``bidup.bidup``, ``bidup.deflated_hessian``).
     Tt: the transposed factor of ``H + λI`` (``hessian.Factor.Tt``, natural order) when the caller has it:
       OLrC's input side then reuses it instead of factoring again.
-    trace: evaluate the objective after every step (one d_in² d_out product each); False records only the
-      optimum each OLrC returns anyway (free; the codes and factors are the same).
+    trace: record the objective after every step; False records it after every OLrC only (the codes and
+      factors are the same: every step's objective is evaluated anyway, one d_in² d_out product each, for the
+      accept/reject guard that keeps the recorded objective from ever rising in floating point).
 
   Returns:
     ``RefineResult(codes, Q, lr, objective)``.
@@ -68,10 +71,24 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
   def objective(Q, lr):
     return lowrank.objective(W - Q - _mm(lr.L, lr.R), Hd)
 
+  def guarded(new, old):
+    """Keep a step only if its evaluated objective is no higher than the last one: each step is an exact block
+    minimum in exact arithmetic only, and in float32 near rank = d_in (a nearly singular deflated Hessian, a
+    ridge solve, the OLrC tail as a difference of traces) one can rise. The rejected step leaves the state."""
+    ok = new[-1] <= old[-1]
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
   Q = grid_lib.dequantize(codes, grid, spec)
-  for _ in range(loops):  # loops is small and static; each iteration is two exact block steps
-    lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
-    values.append(objective(Q, lr) if trace else optimum)
+  lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
+  state = (codes, Q, lr, objective(Q, lr))  # the first OLrC has nothing to be compared with
+  values.append(state[-1])
+  for i in range(loops):  # loops is small and static; each iteration is two exact block steps
+    codes, Q, lr, _ = state
+    if i:
+      lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
+      state = guarded((codes, Q, lr, objective(Q, lr)), state)
+      values.append(state[-1])
+      codes, Q, lr, _ = state
     if deflated:
       HS, P = bidup_lib.deflated_hessian(Hd, lr.L)
       codes = bidup_lib.bidup(W, codes, grid, HS, spec, order=order, block_size=block_size)
@@ -80,8 +97,13 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     else:
       codes = bidup_lib.bidup(W - _mm(lr.L, lr.R), codes, grid, Hd, spec, order=order, block_size=block_size)
       Q = grid_lib.dequantize(codes, grid, spec)
+    state = guarded((codes, Q, lr, objective(Q, lr)), state)
     if trace:
-      values.append(objective(Q, lr))
-  lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
-  values.append(objective(Q, lr) if trace else optimum)
+      values.append(state[-1])
+  if loops:
+    codes, Q, lr, _ = state
+    lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
+    state = guarded((codes, Q, lr, objective(Q, lr)), state)
+    values.append(state[-1])
+  codes, Q, lr, _ = state
   return RefineResult(codes, Q, lr, jnp.stack(values))

@@ -10,11 +10,19 @@ layer's error is measured (for ``S = H_λ^{1/2}``, ``‖S E‖²_F = tr(Eᵀ H_�
 3. Reconstruct: ``L₂ R₂ = S⁻¹ SVD_{r−k}(S E_k)``, ``E_k = W − L₁R₁ − Q``.
 4. ``L = [L₁ L₂]``, ``R = [R₁; R₂]``: the standard ``Q + L R`` form. k = 0 is plain QER (QERA/LQER).
 
-Choosing k (the paper's theory-guided criterion). With the tail-energy fraction
-``ρ_p(A) = Σ_{i>p} σ_i(A)² / Σ_i σ_i(A)²``, assume quantization keeps a constant fraction of what it is
-applied to (so ``‖S E_k‖² ∝ ρ_k(S W)``) and that the normalised spectrum of ``S E_k`` looks like that of
-``S E_rand`` for ``E_rand ~ U[−1, 1]``; then ``𝓛(k)² ∝ ρ_k(S W) · ρ_{r−k}(S E_rand)`` and
-``k* = argmin_k ρ_k(S W) ρ_{r−k}(S E_rand)``, one seeded probe per matrix.
+Choosing k. With the tail-energy fraction ``ρ_p(A) = Σ_{i>p} σ_i(A)² / Σ_i σ_i(A)²``, Paper B's criterion
+(``paper_k``) assumes quantization keeps a constant fraction of what it is applied to (``‖S E_k‖² ∝ ρ_k(S W)``)
+and that ``S E_k`` is spectrally like ``S E_rand``; on real layers the first assumption fails (it picks k far
+above the brute-force best and flips with the probe's seed). ``choose_k`` keeps the factorisation but takes
+the exposed energy from the residual's grid steps and the spectrum from its expectation
+(``k_scores``). Measured against the brute-force best k, neither criterion wins every regime: on 12 real
+layers held apart (best k 0–8 of 32) the paper's picks 12–26 (up to 1.48×) and the step-aware one is within
+1.04×; on the built-in LM's 28 layers (d = 128, r = 32: best k 27–32) the step-aware one picks 0–24 (1.09–2.94×)
+and the paper's (expected probe) stays closer (seeded probe: median 1.06×, worst 1.37×). So with k unset
+``srr`` runs the residual quantization for both candidates (at most twice the base quantizer) and keeps the
+lower damped objective: never worse than either criterion, and free of the seed. After step 4 one rank-r
+OLrC of the final Q (``refine.refine`` with loops = 0, the ``final_olrc`` option) can only lower the damped
+objective: for fixed Q it is the optimum over all rank-r terms, and ``[L₁ L₂][R₁; R₂]`` is one of them.
 
 Scalings: ``identity``; ``diag`` = ``diag(sqrt(diag H))`` (QERA-approx; LQER-like); ``exact`` =
 ``H_λ^{1/2}`` (QERA-exact, damped so that S is invertible; then step 3 is exactly OLrC).
@@ -81,16 +89,75 @@ def tail_fractions(s: jax.Array, r: int) -> jax.Array:
   return (total - head) / jnp.maximum(total, jnp.finfo(e.dtype).tiny)
 
 
-def choose_k(W: jax.Array, S: jax.Array, rank: int, key: jax.Array) -> jax.Array:
-  """The criterion ``k* = argmin_{k=0..r} ρ_k(S W) · ρ_{r−k}(S E_rand)``, ``E_rand ~ U[−1, 1]`` (seeded).
+def paper_k(W: jax.Array, S: jax.Array, rank: int, key: jax.Array) -> jax.Array:
+  """Paper B's criterion as the notes give it: ``argmin_{k=0..r} ρ_k(S W) · ρ_{r−k}(S E_rand)``, E_rand ~ U[−1, 1].
 
-  Returns:
-    k* as an int32 scalar.
+  Kept for comparison only (``srr`` uses ``choose_k``): on real layers it picks k = 12–26 of 32 where the
+  brute-force best is 0–8 (ALGORITHMS.md §B.2, measured), and it moves with the probe's seed.
   """
   E_rand = jax.random.uniform(key, W.shape, W.dtype, -1.0, 1.0)
   rho_w = tail_fractions(jnp.linalg.svd(_mm(S, W), compute_uv=False), rank)      # (r+1,) indexed by k
   rho_e = tail_fractions(jnp.linalg.svd(_mm(S, E_rand), compute_uv=False), rank)  # (r+1,) indexed by r−k
   return jnp.argmin(rho_w * rho_e[::-1]).astype(jnp.int32)
+
+
+def k_scores(W: jax.Array, S: jax.Array, pres: LowRank, spec: GridSpec, rank: int) -> jax.Array:
+  """The step-aware proxy of ``𝓛(k)²`` for k = 0..r: ``Σ_j δ_j(k)² · ρ_{r−k}(S²)``.
+
+  Derivation (Paper B's factorisation ``𝓛(k)² = ‖S E_k‖² · ρ_{r−k}(S E_k)``, with its two assumptions
+  replaced where they fail on real layers):
+
+  * Quantization-exposed energy. Paper B assumes ``‖S E_k‖² ∝ ρ_k(S W)``. With a strongly anisotropic
+    ``S = H_λ^{1/2}``, ρ_k(SW) falls fast because S, not W, is concentrated, while the quantization error
+    follows the residual's grid step, which barely shrinks with k. A uniform quantizer's error per entry has
+    variance ``δ²/12``, so ``‖S E_k‖² ∝ Σ_j δ_j(W − L₁R₁(k))²`` (δ_j the grid step of column j of the residual,
+    summed over its groups), from the grid the base quantizer would fit.
+  * Unrecoverable fraction. Paper B takes the normalised spectrum of ``S E_rand`` for one random probe. For
+    any E with i.i.d. zero-mean entries ``E[(S E)(S E)ᵀ] ∝ S Sᵀ``: its spectrum is the expectation the probe
+    estimates, so ``ρ_{r−k}`` is taken from the eigenvalues of ``S Sᵀ`` (for the exact scaling those of
+    ``H_λ``): deterministic, hence stable across seeds by construction.
+
+  Where Paper B's exact form is uncertain (ALGORITHMS.md §B.2 rebuilds it from notes) this is our form, not
+  the paper's; validated against the brute-force best k (tests/quant/test_srr.py; experiments/layer_defaults.py).
+
+  Args:
+    W: (d_in, d_out) weights; S: the scaling; pres: the rank-r preserve ``S⁻¹ SVD_r(S W)`` (its first k
+    components are L₁R₁(k)); spec: the base quantizer's grid; rank: r.
+
+  Returns:
+    (r + 1,) scores indexed by k.
+  """
+  e = jnp.maximum(jnp.linalg.eigvalsh(_mm(S, S.T))[::-1], 0.0)
+  rho = tail_fractions(jnp.sqrt(e), rank)  # (r+1,) indexed by p = r − k
+
+  def exposed(k):
+    keep = jnp.arange(rank) < k
+    res = W - _mm(pres.L * keep[None, :], pres.R)
+    return jnp.sum(grid_lib.fit_grid(res, spec).scales ** 2)
+
+  steps = jax.lax.map(exposed, jnp.arange(rank + 1))
+  return steps * rho[::-1]
+
+
+def choose_k(W: jax.Array, S: jax.Array, pres: LowRank, spec: GridSpec, rank: int) -> jax.Array:
+  """``k* = argmin_k k_scores(...)``: the step-aware candidate (int32 scalar)."""
+  return jnp.argmin(k_scores(W, S, pres, spec, rank)).astype(jnp.int32)
+
+
+def expected_paper_k(W: jax.Array, S: jax.Array, rank: int) -> jax.Array:
+  """Paper B's ``argmin_k ρ_k(S W) · ρ_{r−k}(·)`` with the probe's spectrum replaced by its expectation, the
+  eigenvalues of ``S Sᵀ`` (``k_scores``): the paper's candidate, free of the seed (int32 scalar)."""
+  rho_w = tail_fractions(jnp.linalg.svd(_mm(S, W), compute_uv=False), rank)
+  e = jnp.maximum(jnp.linalg.eigvalsh(_mm(S, S.T))[::-1], 0.0)
+  return jnp.argmin(rho_w * tail_fractions(jnp.sqrt(e), rank)[::-1]).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "kind", "spec"))
+def _candidates(W, H, eig, lam, rank: int, kind: str, spec: GridSpec):
+  """The two criteria's k: the step-aware one and the paper's (expected probe)."""
+  S, S_inv = scaling(H, kind, lam, eig)
+  pres = truncated(_mm(S, W), S_inv, rank)
+  return choose_k(W, S, pres, spec, rank), expected_paper_k(W, S, rank)
 
 
 def concat(a: LowRank, b: LowRank) -> LowRank:
@@ -108,12 +175,12 @@ class SRRResult(NamedTuple):
   factor: hessian.Factor | None     # the GPTQ base quantizer's factor (None for RTN)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "kind"))
-def _preserve(W, H, eig, lam, key, k_fixed, rank: int, kind: str):
+@functools.partial(jax.jit, static_argnames=("rank", "kind", "spec"))
+def _preserve(W, H, eig, lam, k_fixed, rank: int, kind: str, spec: GridSpec):
   """Scaling, k (criterion unless k_fixed ≥ 0), the preserved term masked to its first k components, residual."""
   S, S_inv = scaling(H, kind, lam, eig)
-  k = jnp.where(k_fixed >= 0, k_fixed, choose_k(W, S, rank, key))
   pres = truncated(_mm(S, W), S_inv, rank)
+  k = k_fixed
   keep = jnp.arange(rank) < k
   pres = LowRank(pres.L * keep[None, :], pres.R * keep[:, None])
   return S, S_inv, k, pres, W - _mm(pres.L, pres.R)
@@ -144,11 +211,11 @@ def srr(W: jax.Array, H: jax.Array | hessian.Site, spec: GridSpec, rank: int, *,
     H: (d_in, d_in) ``XᵀX``, or a ``hessian.Site`` (its eigendecomposition serves the exact scaling).
     spec: the grid.
     rank: the rank budget r = k + (r − k).
-    k: the preserved rank, or None for the criterion ``choose_k`` (one seeded probe).
+    k: the preserved rank, or None for the criterion ``choose_k`` (deterministic, step-aware).
     scaling: ``identity``, ``diag`` or ``exact`` (``scaling``), damped by ``λ = damp · mean diag H``.
     quantizer: the base quantizer of the residual, ``"gptq"`` (with ``damp``, ``act_order``, ``static_groups``,
       ``block_size``, ``factor`` as ``gptq.gptq``) or ``"rtn"``.
-    seed: the PRNG seed of the criterion's probe.
+    seed: unused (the criterion no longer draws a probe); accepted for compatibility.
 
   Returns:
     ``SRRResult(codes, grid, Q, lr, k, factor)``.
@@ -156,13 +223,27 @@ def srr(W: jax.Array, H: jax.Array | hessian.Site, spec: GridSpec, rank: int, *,
   site = hessian.prepare(H, damp, method=factor)
   Wz = site.zero_dead(jnp.asarray(W, site.Hf.dtype))
   eig = site.eigh() if scaling == "exact" else None
-  S, S_inv, kk, pres, Wres = _preserve(Wz, site.Hf, eig, damp * site.mean_diag, jax.random.key(seed),
-                                       -1 if k is None else k, rank, scaling)
-  f = None
-  if quantizer == "rtn":
-    codes, grid, Q = _rtn(Wres, spec)
+  del seed  # the criteria are deterministic (k_scores); kept so callers need not change
+  lam = damp * site.mean_diag
+  if k is None:  # neither criterion wins every regime (module docstring): run both, keep the lower objective
+    ks = sorted({int(c) for c in _candidates(Wz, site.Hf, eig, lam, rank, scaling, spec)})
   else:
-    f = site.factor(damp, act_order=act_order, method=factor)
-    codes, grid, Q = gptq_lib.quantize_with_factor(Wres, f, spec, static_groups=static_groups, block_size=block_size)
-  lr = _reconstruct(Wres, codes, grid, S, S_inv, pres, kk, spec, rank)
-  return SRRResult(codes, grid, Q, lr, int(kk), f)
+    ks = [k]
+  f = None if quantizer == "rtn" else site.factor(damp, act_order=act_order, method=factor)
+  best = None
+  for kk in ks:
+    S, S_inv, _, pres, Wres = _preserve(Wz, site.Hf, eig, lam, kk, rank, scaling, spec)
+    if f is None:
+      codes, grid, Q = _rtn(Wres, spec)
+    else:
+      codes, grid, Q = gptq_lib.quantize_with_factor(Wres, f, spec, static_groups=static_groups,
+                                                     block_size=block_size)
+    lr = _reconstruct(Wres, codes, grid, S, S_inv, pres, kk, spec, rank)
+    value = float(_damped_objective(Wz, Q, lr, site.Hf, lam)) if len(ks) > 1 else 0.0
+    if best is None or value < best[0]:
+      best = (value, SRRResult(codes, grid, Q, lr, kk, f))
+  return best[1]
+
+
+_damped_objective = jax.jit(lambda W, Q, lr, H, lam: jnp.sum((W - Q - _mm(lr.L, lr.R))
+                                                             * _mm(hessian.shifted(H, lam), W - Q - _mm(lr.L, lr.R))))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gilora_jax as gj
-from gilora_jax.quant import intrinsic
+from gilora_jax.quant import hessian, intrinsic, linalg
 from gilora_jax.quant.grid import GridSpec
 from tests.quant import problems
 
@@ -80,3 +80,19 @@ def test_deflated_hessian_closed_form():
   E = np.random.default_rng(0).standard_normal((32, 6))
   ridge = np.linalg.solve(V.T @ H @ V + lam * np.eye(4), V.T @ H @ E)
   np.testing.assert_allclose(np.asarray(intrinsic.ridge_r(ih, jnp.asarray(E))), ridge, rtol=1e-8, atol=1e-12)
+
+
+def test_deflated_hessian_is_positive_definite_in_float32_at_small_damping():
+  """A top-8 spectrum 1000× the tail, damp 1e-6, float32: S built as the difference H + λI − V diag(σ⁴/(σ²+λ)) Vᵀ
+  goes indefinite (round-off of σ₁² swamps λ); built from the eigenpairs every eigenvalue is ≥ λ, so the factor
+  succeeds without damping escalation. (test_deflated_hessian_closed_form checks the value in float64.)"""
+  _, H = problems.spectral_drop(seed=0, d_in=128, d_out=8, r=8, big=1000.0)
+  H32 = jnp.asarray(H, jnp.float32)
+  e, V = linalg.eigh_desc(H32)
+  ih = intrinsic.deflate(H32, 8, 1e-6, eig=(e, V))
+  lam = float(ih.lam)
+  by_difference = (np.asarray(hessian.shifted(H32, lam), np.float64)
+                   - np.asarray(V[:, :8] * (e[:8] ** 2 / (e[:8] + lam))[None, :], np.float64) @ np.asarray(V[:, :8]).T)
+  assert np.linalg.eigvalsh(by_difference).min() < 0  # the case the fix is for
+  assert np.linalg.eigvalsh(np.asarray(ih.S, np.float64)).min() > 0.5 * lam
+  assert bool(hessian.factor_ok(hessian.factor(ih.S, transpose=True)))  # gilora's sweep factor: no escalation

@@ -20,7 +20,8 @@ def test_k0_exact_scaling_is_gptq_plus_olrc():
 def test_k0_identity_scaling_is_gptq_plus_lorc():
   """S = I: the reconstruction is the unweighted SVD of the error, i.e. ZeroQuant-V2's LoRC."""
   W, H = problems.spectral_drop(seed=0)
-  a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=8, srr_k=0, srr_scaling="identity")
+  a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=8, srr_k=0, srr_scaling="identity",
+                        final_olrc=False)
   b = gj.quantize_layer(W, H, diagnostics="full", method="gptq+lorc", bits=3, rank=8)
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
   np.testing.assert_allclose(a.report.rel_err, b.report.rel_err, rtol=1e-4)
@@ -31,7 +32,8 @@ def test_k0_diag_scaling_matches_numpy():
   """S = diag(sqrt(diag H + λ)): L R = S⁻¹ SVD_r(S E), from an independent NumPy computation."""
   W, H = problems.spectral_drop(seed=3)
   r = 6
-  res = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=r, srr_k=0, srr_scaling="diag")
+  res = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=r, srr_k=0, srr_scaling="diag",
+                          final_olrc=False)
   lam = 0.01 * np.mean(np.diag(H))
   s = np.sqrt(np.diag(H) + lam)
   E = W - np.asarray(res.Q)
@@ -55,32 +57,40 @@ def test_every_split_is_valid_and_criterion_is_seeded(scaling):
   assert a.L.shape == (64, 6) and a.R.shape == (6, 24)
 
 
+def _choose(W, S, rank, spec):
+  W, S = jnp.asarray(W, jnp.float32), jnp.asarray(S, jnp.float32)
+  pres = srr_lib.truncated(S @ W, jnp.linalg.inv(S), rank)
+  return int(srr_lib.choose_k(W, S, pres, spec, rank))
+
+
 def test_criterion_prefers_preserving_a_dominant_subspace():
-  """A weight with a few huge singular directions: quantizing it whole wastes the grid, so k* > 0."""
+  """A weight with a few huge singular directions: quantizing it whole wastes the grid, so k* > 0; a flat one
+  gains nothing from preserving, so k* stays small."""
+  from gilora_jax.quant.grid import GridSpec  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   U, _ = np.linalg.qr(rng.standard_normal((64, 4)))
   V, _ = np.linalg.qr(rng.standard_normal((32, 4)))
   W = 50 * U @ V.T + rng.standard_normal((64, 32))
-  k = srr_lib.choose_k(jnp.asarray(W, jnp.float32), jnp.eye(64), 8, jax.random.key(0))
-  assert 3 <= int(k) <= 8
-  k_flat = srr_lib.choose_k(jnp.asarray(rng.uniform(-1, 1, (64, 32)), jnp.float32), jnp.eye(64), 8,
-                            jax.random.key(0))
-  assert int(k_flat) <= 2
+  assert 3 <= _choose(W, np.eye(64), 8, GridSpec(bits=3)) <= 8
+  assert _choose(rng.uniform(-1, 1, (64, 32)), np.eye(64), 8, GridSpec(bits=3)) <= 2
 
 
-def test_criterion_probe_follows_the_key():
-  """quantize_layer's seed reaches the criterion's random probe: on this layer the chosen k changes with the
-  probe (so a seed ignored, or a fixed key, would not give the per-seed k of choose_k)."""
-  W, H = problems.spectral_drop(seed=1)
-  ks = {seed: gj.quantize_layer(W, H, method="srr", bits=3, rank=6, seed=seed).report.srr_k for seed in range(6)}
-  expected = {seed: int(srr_lib.choose_k(*_scaled_inputs(W, H), 6, jax.random.key(seed))) for seed in range(6)}
-  assert len(set(expected.values())) > 1, expected  # the check below can tell the seeds apart
-  assert ks == expected
-
-
-def _scaled_inputs(W, H):
-  S, _ = srr_lib.scaling(jnp.asarray(H, jnp.float32), "exact", 0.01 * float(np.mean(np.diag(H))))
-  return jnp.asarray(W, jnp.float32), S
+def test_criterion_is_near_the_brute_force_best_and_seed_free():
+  """Trying every k = 0..r is the ground truth; the criterion's k (the same for every seed) costs at most 20 %
+  over the best k here (r = 4 to keep CI short; at r = 6 the step-aware k alone measured 1.16× here, 1.07× on
+problems.layer(decay=6), 1.00× with outliers; the built-in LM is the harder case, BENCHMARKS.md). The final OLrC can only lower the damped objective (objective[-1] ≤ objective[0]) on
+  every split."""
+  W, H = problems.spectral_drop(seed=5)
+  r = 4
+  runs = [gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=r, srr_k=k).report
+          for k in range(r + 1)]
+  for rep in runs:
+    assert rep.objective[-1] <= rep.objective[0] * (1 + 1e-6), rep.objective  # up to float32 round-off
+  errs = [rep.rel_err for rep in runs]
+  ks = {gj.quantize_layer(W, H, method="srr", bits=3, rank=r, seed=seed).report.srr_k for seed in (0, 7)}
+  assert len(ks) == 1, ks
+  (k,) = ks
+  assert errs[k] <= 1.20 * min(errs), (k, errs)
 
 
 def test_tail_fractions():
@@ -102,7 +112,8 @@ def test_rtn_quantizer_rounds_the_residual_to_nearest():
   a = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=0, srr_quantizer="rtn")
   np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(rtn.codes))
   assert a.report.rel_err < rtn.report.rel_err
-  b = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn")
+  b = gj.quantize_layer(W, H, diagnostics="full", method="srr", bits=3, rank=6, srr_k=3, srr_quantizer="rtn",
+                        final_olrc=False)
   L1R1 = np.asarray(b.L[:, :3]) @ np.asarray(b.R[:3])
   res = gj.quantize_layer(W - L1R1, H, diagnostics="full", method="rtn", bits=3)
   assert np.mean(np.asarray(b.codes) == np.asarray(res.codes)) > 0.999
