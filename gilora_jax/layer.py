@@ -202,7 +202,8 @@ def quantize_layer(
       refinement step, and for gilora Paper A's Cor. 3.9 upper bound from the eigendecomposition it already
       computed (it bounds gilora only, so other methods report None; the information-theoretic lower estimate
       is not reported: a worst case over weights, 30–30,000× below the achieved error on real layers, it says
-      nothing about a given W; ``quant.bounds.lower_estimate`` still computes it): about five ``d_in² d_out`` products. ``True``/``False`` mean full/off.
+      nothing about a given W; ``quant.bounds.lower_estimate`` still computes it): about five ``d_in² d_out``
+      products. ``True``/``False`` mean full/off.
 
   Raises:
     ValueError: on NaN/Inf input, mismatched shapes, an option out of range (``config.OptionError``), an H with

@@ -5,8 +5,8 @@
   gptq+lorc  gptq.gptq → lowrank.lorc                         then the unweighted SVD of W − Q (ZeroQuant-V2)
   gptq+olrc  gptq.gptq → lowrank.olrc                         then the optimal weighted compensation (Paper A, Alg. 2)
   gilora     intrinsic.gilora (→ refine.refine, loops = 0)    GPTQ-intrinsic LoRA (Paper A, Alg. 3), then one OLrC
-  srr        srr.srr (→ refine.refine, loops = 0)              preserve top-k, quantize the residual, reconstruct (Paper B),
-                                                              then one OLrC of the final Q
+  srr        srr.srr (→ refine.refine, loops = 0)             preserve top-k, quantize the residual, reconstruct
+                                                              (Paper B), then one OLrC of the final Q
 
 Each entry maps `(W, site, cfg)` (the weight, its prepared `hessian.Site`, a `LayerConfig`) to a `MethodOutput`:
 the quantized part, the method's own low-rank term, the damping it used, and the factor that the refinement

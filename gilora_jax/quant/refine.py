@@ -11,8 +11,8 @@ For the damped objective ``f(Q, L, R) = tr((W − Q − LR)ᵀ H_λ (W − Q −
 Each step minimises f exactly over its block of variables, so the objective never increases in exact arithmetic.
 In floating point a step can still rise (float32 near rank = d_in, where the deflated Hessian is nearly
 singular), so every step is evaluated and kept only if it does not raise the objective (accept/reject): the
-recorded objective (one value after every step, ``RefineResult.objective``) never increases, in any arithmetic. ``loops = 0`` is the single OLrC that
-Paper A applies after GPTQ-intrinsic LoRA.
+recorded objective (one value after every step, ``RefineResult.objective``) never increases, in any arithmetic.
+``loops = 0`` is the single OLrC that Paper A applies after GPTQ-intrinsic LoRA.
 
 References:
   Zhang & Saab, "GPTQ-intrinsic LoRA", arXiv:2606.01412, Alg. 2 (OLrC), Alg. 4 (Bid-Up), §5 (refinement loops).
