@@ -220,10 +220,34 @@ def _our_steps(out: str) -> list[int]:
   return sorted(steps)
 
 
+def _pack(tree) -> dict[str, np.ndarray]:
+  """Every leaf of `tree` raveled into one 1-D array per dtype ({dtype name: array}), in leaf order: a handful of
+  arrays for orbax instead of hundreds of small ones (a 28-layer model's factors and Adam moments are ~250
+  leaves, which orbax writes one by one)."""
+  groups: dict[str, list[np.ndarray]] = {}
+  for x in jax.tree.leaves(tree):
+    x = np.asarray(x)
+    groups.setdefault(x.dtype.name, []).append(x.ravel())
+  return {k: np.concatenate(v) for k, v in groups.items()}
+
+
+def _unpack(packed: dict[str, np.ndarray], like):
+  """Inverse of `_pack`: a tree structured like `like` (its leaves' shapes and dtypes)."""
+  leaves, treedef = jax.tree.flatten(like)
+  offsets: dict[str, int] = {}
+  out = []
+  for x in leaves:
+    name, size = np.dtype(x.dtype).name, int(np.prod(np.shape(x)))
+    o = offsets.get(name, 0)
+    out.append(np.asarray(packed[name][o:o + size]).reshape(np.shape(x)))
+    offsets[name] = o + size
+  if any(offsets.get(k, 0) != v.size for k, v in packed.items()):
+    raise ValueError("the checkpoint's arrays do not fit this model's factors and optimizer state")
+  return jax.tree.unflatten(treedef, out)
+
+
 def _save(out: str, step: int, params, opt_state, info: dict) -> None:
-  leaves = jax.tree.leaves((params, opt_state))
-  ckpt.write_folder(_step_dir(out, step), {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)},
-                    {"format": FORMAT, **info})
+  ckpt.write_folder(_step_dir(out, step), _pack((params, opt_state)), {"format": FORMAT, **info})
   for old in _our_steps(out):  # ours only: step folders with our metadata
     if old < step:
       shutil.rmtree(_step_dir(out, old))
@@ -233,11 +257,11 @@ def _restore(out: str, step: int, params, opt_state, fix: str):
   folder = _step_dir(out, step)
   info = ckpt.read_checked(os.path.join(folder, ckpt.INFO_FILE), {"format", "step", "identity"}, (FORMAT,), fix)
   files_lib.verify(folder, info["files"], fix)
-  leaves, treedef = jax.tree.flatten((params, opt_state))
+  like = (params, opt_state)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device) for i, x in enumerate(leaves)}
-  tree = ckpt.read_tree(folder, target, fix)
-  params, opt_state = jax.tree.unflatten(treedef, [tree[f"{i:05d}"] for i in range(len(leaves))])
+  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in _pack(jax.tree.map(
+      lambda x: np.zeros((), x.dtype) if np.ndim(x) == 0 else np.zeros(np.shape(x), x.dtype), like)).items()}
+  params, opt_state = _unpack(ckpt.read_tree(folder, target, fix), like)
   return params, opt_state, info
 
 
@@ -285,13 +309,20 @@ def check_out(out: str, identity: dict) -> bool:
 def _evaluate(graphdef, params, rest, held, objective: str, batch_size: int) -> dict:
   total, aux, n = 0.0, 0.0, _rows(held)
   for i in range(0, n, batch_size):
-    b = jax.tree.map(jnp.asarray, _take(held, np.arange(i, min(i + batch_size, n))))
+    b = _placed(_take(held, np.arange(i, min(i + batch_size, n))))
     loss, a = core.eval_step(graphdef, params, rest, b, objective=objective)
     total, aux = total + float(loss), aux + float(a)
   loss = total / n
   if objective == "lm":
     return {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 700.0)))}
   return {"eval_loss": loss, "eval_accuracy": aux / n}
+
+
+def _placed(tree):
+  """`tree` committed to the first local device: the placement the step's outputs have, so that every call of the
+  jitted step sees the same argument shardings and it compiles once (uncommitted inputs would compile a second
+  program for the committed outputs)."""
+  return jax.device_put(tree, jax.local_devices()[0])
 
 
 def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = TrainConfig(), batch_size: int = 8,
@@ -345,8 +376,10 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
               "eval_every": eval_every, "data": data_fingerprint(data), "model": source or model_fingerprint(model)}
   compute = core.with_compute_dtype(nn.clone(model), cfg.compute_dtype) if cfg.compute_dtype != "float32" else model
   graphdef, params, rest = core.split(compute, paths)
-  opt_state = core.optimizer(cfg).init(params)
-  mult = core.preserved_multipliers(params, ks, gamma)
+  # One placement for every array (orbax-restored ones differ from jit outputs), so the step compiles once.
+  params, rest = _placed(params), _placed(rest)
+  opt_state = _placed(core.optimizer(cfg).init(params))
+  mult = _placed(core.preserved_multipliers(params, ks, gamma))
   start, curves, seconds0, resumed = 0, [], 0.0, None
   fix = "" if out is None else f"delete {out} to start over."
   if out is not None:
@@ -355,6 +388,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       steps = _our_steps(out)
       if steps:
         params, opt_state, info = _restore(out, steps[-1], params, opt_state, fix)
+        params, opt_state = _placed(params), _placed(opt_state)
         if {k: int(v) for k, v in info.get("ks", {}).items()} != ks:
           raise ValueError(f"{out}: the checkpoint's SRR split k differs from this checkpoint's records; {fix}")
         start, seconds0, resumed = int(info["step"]), float(info.get("seconds", 0.0)), int(info["step"])
@@ -365,7 +399,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       _write_json(os.path.join(out, RUN_FILE), {"format": FORMAT, "identity": identity, "data": data.describe,
                                                 "ks": ks, "paths": paths})
   sched = core.schedule(cfg)
-  held_bs = eval_batch_size or batch_size
+  held_bs = eval_batch_size or 4 * batch_size
   t0 = time.perf_counter() - seconds0
   n_train = _rows(data.train)
 
@@ -384,7 +418,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       losses = []
       for micro in range(cfg.accum):
         position = ((step - 1) * cfg.accum + micro) * batch_size
-        b = jax.tree.map(jnp.asarray, _take(data.train, batch_indices(n_train, batch_size, seed, position)))
+        b = _placed(_take(data.train, batch_indices(n_train, batch_size, seed, position)))
         params, opt_state, loss = core.train_step(graphdef, params, rest, opt_state, mult, b, cfg=cfg,
                                                   objective=data.objective)
         losses.append(loss)
