@@ -9,7 +9,8 @@ and only `params` reaches the optimizer.
 
 The optimizer (`optimizer`): optax `clip_by_global_norm → adamw(warm-up + cosine schedule)`, wrapped in
 `optax.MultiSteps` for gradient accumulation (one optimizer step per `accum` micro-batches; the step count, the
-schedule and the curves count optimizer steps).
+schedule and the curves count optimizer steps). Its numbers are traced arguments of the jitted step
+(`hyperparams`), so a sweep over learning rates or step counts compiles the step once per model and batch shape.
 
 Initialisations for a fixed Q (`zero_init`, `loftq_init`; OLrC, gilora and SRR are the quantizer's own):
 
@@ -18,6 +19,9 @@ Initialisations for a fixed Q (`zero_init`, `loftq_init`; OLrC, gilora and SRR a
           T > 1 continues LoftQ's alternation Q_t = RTN(W − L_{t−1}R_{t−1}), L_tR_t = SVD_r(W − Q_t) on the
           checkpoint's grid: Q is then LoftQ's own, no longer the shared base (with Q fixed, iterating the SVD
           alone is a fixed point after one step, so T > 1 only means something when Q moves).
+
+Every init but zero hands its factors over balanced (`balance`: the same L R, each rank-1 term split evenly),
+so that AdamW's per-entry steps are of one size relative to both factors.
 
 SRR's γ (`preserved_multipliers`). SRR's L = [L₁ L₂], R = [R₁; R₂] with the first k components preserved from
 W and the other r − k reconstructing the error. Paper B scales the preserved block's gradient by γ. Under Adam a
@@ -85,16 +89,41 @@ class TrainConfig:
       raise ValueError(f"compute_dtype={self.compute_dtype!r} must be one of {COMPUTE_DTYPES}.")
 
 
-def schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr` over `warmup` steps, then cosine to `final_lr · lr` at `steps`."""
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.final_lr)
+HYPER = ("lr", "warmup", "steps", "final_lr", "weight_decay", "b1", "b2", "eps", "clip")
 
 
-def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """`MultiSteps(chain(clip_by_global_norm, adamw(schedule)), accum)`: one call per micro-batch."""
-  parts = ([optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []) + [
-      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)]
-  return optax.MultiSteps(optax.chain(*parts), every_k_schedule=cfg.accum)
+def hyperparams(cfg: TrainConfig) -> dict[str, np.ndarray]:
+  """The optimizer's numbers as float32 arrays: traced, not static, so runs that differ only in them (learning
+  rates, step counts) share one compiled step. `clip = 0` (off) becomes +inf."""
+  h = {k: float(getattr(cfg, k)) for k in HYPER}
+  h["clip"] = h["clip"] if h["clip"] > 0 else float("inf")
+  return {k: np.float32(v) for k, v in h.items()}
+
+
+def learning_rate(count: jax.typing.ArrayLike, h: dict[str, Any]) -> jax.Array:
+  """Linear warm-up from 0 to `lr` over `warmup` steps, then cosine to `final_lr · lr` at `steps`
+  (`optax.warmup_cosine_decay_schedule`'s formula, with traced hyperparameters); `count` = steps taken."""
+  count = jnp.asarray(count, jnp.float32)
+  warm = h["lr"] * count / jnp.maximum(h["warmup"], 1.0)
+  t = jnp.clip((count - h["warmup"]) / jnp.maximum(h["steps"] - h["warmup"], 1.0), 0.0, 1.0)
+  end = h["final_lr"] * h["lr"]
+  cos = end + (h["lr"] - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+  return jnp.where(count < h["warmup"], warm, cos)
+
+
+def schedule(cfg: TrainConfig) -> Callable[[int], float]:
+  """The learning rate of optimizer step `count` (0-based) under `cfg`."""
+  h = hyperparams(cfg)
+  return lambda count: float(learning_rate(count, h))
+
+
+def optimizer(h: dict[str, Any], accum: int = 1) -> optax.GradientTransformation:
+  """`MultiSteps(chain(clip_by_global_norm, adamw(learning_rate)), accum)`: one call per micro-batch. `h`:
+  `hyperparams` (arrays or tracers)."""
+  inner = optax.chain(optax.clip_by_global_norm(h["clip"]),
+                      optax.adamw(lambda count: learning_rate(count, h), b1=h["b1"], b2=h["b2"], eps=h["eps"],
+                                  weight_decay=h["weight_decay"]))
+  return optax.MultiSteps(inner, every_k_schedule=accum)
 
 
 # ------------------------------------------------------------------------------------------------ what trains
@@ -190,6 +219,19 @@ def loftq_init(W: jax.Array, Q: jax.Array, rank: int, spec: GridSpec, iters: int
   return codes, grid.scales, grid.zeros, Q, lr.L, lr.R
 
 
+@jax.jit
+def balance(L: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`L D, D⁻¹ R` with `D_kk = sqrt(‖R_k‖ / ‖L_k‖)`: the same `L R`, each rank-1 term's magnitude split evenly
+  between its factors (as LoftQ's and PiSSA's `U √Σ`, `√Σ Vᵀ`). The quantizers return `L = U Σ`, `R = Vᵀ`
+  (or OLrC's `E V`, `Vᵀ`): R's entries ~1/√d_out, L's as large as the residual's singular values, so AdamW's
+  per-entry steps of ~lr are huge relative to R and tiny relative to L; balanced, both move alike. A zero column
+  or row (the zero init's R) keeps D_kk = 1. (`export.formats.balanced` is the NumPy twin, for the 16-bit cast.)"""
+  nl, nr = jnp.linalg.norm(L, axis=0), jnp.linalg.norm(R, axis=1)
+  ok = (nl > 0) & (nr > 0)
+  d = jnp.where(ok, jnp.sqrt(jnp.where(ok, nr, 1.0) / jnp.where(ok, nl, 1.0)), 1.0)
+  return L * d[None, :], R / d[:, None]
+
+
 def lowrank_product(lr: lowrank.LowRank) -> jax.Array:
   return jnp.matmul(lr.L, lr.R, precision=jax.lax.Precision.HIGHEST)
 
@@ -223,15 +265,16 @@ def _keys(path) -> list[str]:
   return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "objective"), donate_argnums=(1, 3))
+@functools.partial(jax.jit, static_argnames=("graphdef", "accum", "objective"), donate_argnums=(1, 3))
 def train_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, opt_state: Any, mult: Any, batch: Any,
-               *, cfg: TrainConfig, objective: str):
-  """One micro-batch: `(params, opt_state, loss)`; `mult` (`preserved_multipliers`) scales the optax updates."""
+               hyper: dict[str, Any], *, accum: int, objective: str):
+  """One micro-batch: `(params, opt_state, loss)`; `mult` (`preserved_multipliers`) scales the optax updates,
+  `hyper` are the optimizer's numbers (`hyperparams`)."""
   def loss_of(p):
     return LOSSES[objective](nnx.merge(graphdef, p, rest), batch)[0]
 
   loss, grads = jax.value_and_grad(loss_of)(params)
-  updates, opt_state = optimizer(cfg).update(grads, opt_state, params)
+  updates, opt_state = optimizer(hyper, accum).update(grads, opt_state, params)
   updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mult)
   return optax.apply_updates(params, updates), opt_state, loss
 

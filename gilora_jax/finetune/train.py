@@ -182,6 +182,10 @@ def init_factors(model: nnx.Module, init: str, paths: list[str], *, key: jax.Arr
                            f"it, with the criterion choosing k); quantize it again with this gilora_jax, or with a "
                            f"fixed --srr-k.")
         ks[path] = int(k)
+    if init != "zero":
+      L, R = core.balance(layer.L[...], layer.R[...])
+      layer.L.set_value(L)
+      layer.R.set_value(R)
   return ks
 
 
@@ -271,15 +275,6 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _write_curves(out: str, curves: list[dict]) -> None:
   files_lib.write_bytes(os.path.join(out, CURVES_FILE), "".join(json.dumps(c) + "\n" for c in curves).encode())
-
-
-def _read_curves(out: str, upto: int) -> list[dict]:
-  path = os.path.join(out, CURVES_FILE)
-  if not os.path.isfile(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if r["step"] <= upto]
 
 
 def check_out(out: str, identity: dict) -> bool:
@@ -377,8 +372,10 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
   compute = core.with_compute_dtype(nn.clone(model), cfg.compute_dtype) if cfg.compute_dtype != "float32" else model
   graphdef, params, rest = core.split(compute, paths)
   # One placement for every array (orbax-restored ones differ from jit outputs), so the step compiles once.
-  params, rest = _placed(params), _placed(rest)
-  opt_state = _placed(core.optimizer(cfg).init(params))
+  # The step donates the factors' buffers: train on copies, never on the arrays the caller's model shares.
+  params, rest = _placed(jax.tree.map(lambda x: jnp.array(x, copy=True), params)), _placed(rest)
+  hyper = _placed(core.hyperparams(cfg))
+  opt_state = _placed(core.optimizer(hyper, cfg.accum).init(params))
   mult = _placed(core.preserved_multipliers(params, ks, gamma))
   start, curves, seconds0, resumed = 0, [], 0.0, None
   fix = "" if out is None else f"delete {out} to start over."
@@ -392,7 +389,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
         if {k: int(v) for k, v in info.get("ks", {}).items()} != ks:
           raise ValueError(f"{out}: the checkpoint's SRR split k differs from this checkpoint's records; {fix}")
         start, seconds0, resumed = int(info["step"]), float(info.get("seconds", 0.0)), int(info["step"])
-        curves = _read_curves(out, start)
+        curves = [r for r in info.get("curves", []) if r["step"] <= start]  # the checkpoint's own rows
         log.info("resuming %s from step %d of %d", out, start, cfg.steps)
     else:
       os.makedirs(out, exist_ok=True)
@@ -419,11 +416,11 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       for micro in range(cfg.accum):
         position = ((step - 1) * cfg.accum + micro) * batch_size
         b = _placed(_take(data.train, batch_indices(n_train, batch_size, seed, position)))
-        params, opt_state, loss = core.train_step(graphdef, params, rest, opt_state, mult, b, cfg=cfg,
-                                                  objective=data.objective)
+        params, opt_state, loss = core.train_step(graphdef, params, rest, opt_state, mult, b, hyper,
+                                                  accum=cfg.accum, objective=data.objective)
         losses.append(loss)
       loss = float(np.mean([float(x) for x in losses]))
-      lr = float(sched(step - 1))
+      lr = sched(step - 1)
       if not math.isfinite(loss):
         where = (f"the last good checkpoint is {_step_dir(out, last_good)} (step {last_good})"
                  if out is not None and last_good in _our_steps(out) else "no checkpoint was written after it")
@@ -435,7 +432,8 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       emit(row)
       if out is not None and (step == cfg.steps or (ckpt_every and step % ckpt_every == 0)):
         _save(out, step, params, opt_state, {"step": step, "position": step * cfg.accum * batch_size,
-                                             "identity": identity, "ks": ks, "seconds": row["seconds"]})
+                                             "identity": identity, "ks": ks, "seconds": row["seconds"],
+                                             "curves": curves})
         last_good = step
         _write_curves(out, curves)
   finally:  # a stop (NaN, Ctrl-C) keeps the rows made so far; a resumed run cuts them back to its checkpoint
