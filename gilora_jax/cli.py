@@ -6,6 +6,7 @@
   gilora eval --model DIR          perplexity (--text, --seqlen) or top-1 (--images)
   gilora generate --model DIR --prompt TEXT
   gilora export OUT --format {ct,gptq,dense} --to DIR   a quantized model as folders transformers/vLLM/PEFT load
+  gilora finetune Q --text FILE | --images DIR --init ... --out DIR   QPEFT: train L, R of a quantized model
 
 Every option of the layer configuration is a flag named after its field (``gilora_jax.config.FIELDS``), with the
 library's default. Results are JSON lines on stdout; tables, the progress bar and warnings go to stderr, the
@@ -225,6 +226,89 @@ def cmd_export(a: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+  """QPEFT of a `gilora quantize` output: train its L, R (Q frozen) into --out; print a JSON summary line."""
+  from gilora_jax.finetune import TrainConfig, train  # pylint: disable=import-outside-toplevel
+  warmup = max(0, min(a.steps // 10, a.steps - 1)) if a.warmup is None else a.warmup
+  try:
+    cfg = TrainConfig(steps=a.steps, lr=a.lr, warmup=warmup, final_lr=a.final_lr, weight_decay=a.weight_decay,
+                      clip=a.clip, accum=a.accum, compute_dtype=a.compute_dtype)
+    cfg.validate()
+  except ValueError as e:
+    return _fail(f"--{str(e).replace('_', '-')}")
+  progress = None
+  if sys.stderr.isatty():
+    import tqdm  # pylint: disable=import-outside-toplevel
+    progress = lambda it: tqdm.tqdm(it, total=cfg.steps, initial=it.start - 1, desc="steps", unit="step",  # noqa: E731
+                                    file=sys.stderr, dynamic_ncols=True)
+  every = max(1, cfg.steps // 10)
+
+  def on_step(row):
+    if progress is None and row["step"] and (row["step"] % every == 0 or "eval_loss" in row):
+      spent = row["seconds"]
+      eta = spent / row["step"] * (cfg.steps - row["step"])
+      held = "".join(f"  {k} {v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+      log.warning("step %d/%d  loss %.4g  lr %.3g%s  %.0f s elapsed, ETA %.0f s", row["step"], cfg.steps, row["loss"],
+                  row["lr"], held, spent, eta)
+  summary = train.finetune_folder(a.model, a.out, init=a.init, text=a.text, images=a.images, held_text=a.held_text,
+                                  held_images=a.held_images, held_fraction=a.held_fraction, seqlen=a.seqlen,
+                                  verify=a.verify, float_model=a.float_model, cfg=cfg, batch_size=a.batch_size,
+                                  gamma=a.gamma, seed=a.seed, pattern=a.layers, eval_every=a.eval_every,
+                                  ckpt_every=a.ckpt_every, loftq_iters=a.loftq_iters, progress=progress,
+                                  on_step=on_step)
+  print(json.dumps(summary))
+  return 0
+
+
+def _add_finetune_parser(sub, verify: dict) -> argparse.ArgumentParser:
+  from gilora_jax.finetune.core import INITS, TrainConfig  # pylint: disable=import-outside-toplevel
+  d = TrainConfig()
+  p = sub.add_parser("finetune", help="QPEFT: fine-tune the low-rank factors L, R of a quantized model (Q frozen) "
+                     "with AdamW; resumable")
+  p.add_argument("model", metavar="QUANTIZED", help="a `gilora quantize` output folder (rank > 0)")
+  p.add_argument("--out", required=True, help="output folder: curves.jsonl, curves.png, train/ (the resumable "
+                 "checkpoint) and model/ (the fine-tuned quantized checkpoint); running the same command again "
+                 "resumes an unfinished run")
+  src = p.add_mutually_exclusive_group()
+  src.add_argument("--text", help="causal LM: a UTF-8 text file, cut into --seqlen windows as gilora eval cuts them")
+  src.add_argument("--images", help="classifier: an image folder (class subfolders or labels.txt) or .npz")
+  p.add_argument("--held-text", help="held-apart text (default: the last --held-fraction of the --text windows)")
+  p.add_argument("--held-images", help="held-apart images (default: a seeded --held-fraction of --images)")
+  p.add_argument("--held-fraction", type=float, help="fraction held apart when no held-apart file is given "
+                 "(default 0.1 of the windows, 0.2 of the images)")
+  p.add_argument("--init", choices=INITS, required=True, help="zero: L Gaussian, R = 0 (QLoRA); loftq: SVD of W − Q "
+                 "(the float source's W); olrc / gilora / srr: the factors a gptq+olrc / gilora / srr quantization "
+                 "wrote (the checkpoint must be one)")
+  p.add_argument("--gamma", type=float, default=0.1, help="srr: scale of the preserved rank-k block's updates "
+                 "(0 freezes it; default %(default)s)")
+  p.add_argument("--loftq-iters", type=int, default=1, help="loftq: alternations T; 1 keeps the checkpoint's Q, more "
+                 "re-quantize W − L R by RTN as LoftQ does (default %(default)s)")
+  p.add_argument("--float-model", help="loftq: the float HF folder (default: the source the checkpoint records)")
+  p.add_argument("--layers", metavar="REGEX", help="train only the quantized linears whose path matches (e.g. "
+                 "'mlp'); default all")
+  p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+  p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+  p.add_argument("--warmup", type=int, help="linear warm-up steps (default steps/10)")
+  p.add_argument("--final-lr", type=float, default=d.final_lr, help="cosine decay to this fraction of --lr "
+                 "(default %(default)s)")
+  p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+  p.add_argument("--clip", type=float, default=d.clip, help="global-norm gradient clipping, 0: off (default "
+                 "%(default)s)")
+  p.add_argument("--batch-size", type=int, default=8, help="windows or images per micro-batch (default %(default)s)")
+  p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
+  p.add_argument("--seqlen", type=int, default=128, help="window in tokens (default %(default)s)")
+  p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="forward pass dtype; "
+                 "L, R and the optimizer state stay float32 (default %(default)s)")
+  p.add_argument("--seed", type=int, default=0, help="data order and the zero init (default %(default)s)")
+  p.add_argument("--eval-every", type=int, default=50, help="held-apart evaluation every N steps (and at 0 and the "
+                 "end; default %(default)s)")
+  p.add_argument("--ckpt-every", type=int, default=50, help="resumable checkpoint every N steps (default "
+                 "%(default)s)")
+  p.add_argument("--verify", **verify)
+  p.set_defaults(func=cmd_finetune)
+  return p
+
+
 def _add_export_parser(sub, verify: dict) -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="write a quantized model as a compressed-tensors, GPTQ or dense folder (+ PEFT "
                      "adapter) that transformers, vLLM, GPTQModel and PEFT load; checked by reloading it")
@@ -329,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_generate)
   parser.commands["generate"] = p
   parser.commands["export"] = _add_export_parser(sub, verify)
+  parser.commands["finetune"] = _add_finetune_parser(sub, verify)
   return parser
 
 

@@ -113,6 +113,9 @@ class LayerRecord(NamedTuple):
   damp: float
   seconds: float
   config: dict  # the linear's whole LayerConfig (after rules), by flat name: what a records file needs to be read
+  # SRR's preserved rank k of this linear (L's first k columns, R's first k rows); None for the other methods and
+  # in records written before it was kept. `gilora finetune --init srr` scales that block's updates by γ.
+  srr_k: int | None = None
 
 
 class Resume(NamedTuple):
@@ -417,7 +420,7 @@ def quantize_model(model: nnx.Module, calib: Sequence[calib_lib.CalibBatch], con
             method=cfg.method, bits=cfg.grid.bits, rank=qlin.rank, group_size=cfg.grid.group_size,
             loops=cfg.refine.loops, rel_err_quantized=rep.rel_err_quantized, rel_err_method=rep.rel_err_method,
             rel_err=rep.rel_err, upper_bound=rep.upper_bound, damp=rep.damp,
-            seconds=rep.seconds, config=cfg.flat())
+            seconds=rep.seconds, config=cfg.flat(), srr_k=rep.srr_k)
         records.append(rec)
         _log_record(rec)
       del prepared

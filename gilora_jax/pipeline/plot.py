@@ -51,3 +51,36 @@ def error_plot(records: Sequence[dict], *, title: str | None = None, dpi: int = 
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
   return buf.getvalue()
+
+
+def curves_plot(curves: Sequence[dict], *, title: str | None = None, dpi: int = 110) -> bytes:
+  """PNG bytes of a fine-tune's curves (`finetune.train`'s rows): the training loss and the held-apart loss
+  against the step (left), and the learning rate (right)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  fig = Figure(figsize=(9.6, 3.8), dpi=dpi)
+  FigureCanvasAgg(fig)
+  ax, ax_lr = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+  train = [(c["step"], c["loss"]) for c in curves if "loss" in c]
+  held = [(c["step"], c["eval_loss"]) for c in curves if "eval_loss" in c]
+  if train:
+    ax.plot(*zip(*train), color=COLORS["final"], linewidth=1.0, label="train loss")
+  if held:
+    ax.plot(*zip(*held), color=COLORS["bound"], marker="o", markersize=3, linewidth=1.2, label="held-apart loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.grid(True, color="#eeeeee")
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="best", fontsize=8)
+  lr = [(c["step"], c["lr"]) for c in curves if "lr" in c]
+  if lr:
+    ax_lr.plot(*zip(*lr), color=COLORS["quantized"])
+  ax_lr.set_xlabel("step")
+  ax_lr.set_ylabel("learning rate")
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  return buf.getvalue()
