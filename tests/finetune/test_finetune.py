@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from gilora_jax import cli
-from gilora_jax.finetune import TrainConfig, finetune, train
+from gilora_jax.finetune import TrainConfig, core, finetune, train
 from gilora_jax.nn import QuantizedLinear
 from gilora_jax.pipeline import apply, calib, ckpt
 
@@ -51,7 +51,8 @@ def lm(lm_dir):
 
 @pytest.fixture(scope="module")
 def srr_model(lm, lm_calib):
-  q = apply.quantize_model(lm, lm_calib, method="srr", bits=3, rank=4, final_olrc=False)  # its two blocks kept
+  q = apply.quantize_model(lm, lm_calib, method="srr", bits=3, rank=4, srr_k=2,
+                           final_olrc=False)  # both blocks non-empty, and kept
   return q.model, [r._asdict() for r in q.records]
 
 
@@ -64,7 +65,6 @@ def lm_data():
 def _start(model, records):
   """The model as training starts: the srr init (its factors balanced)."""
   start = train.nn.clone(model)
-  from gilora_jax.finetune import core  # pylint: disable=import-outside-toplevel
   train.init_factors(start, "srr", core.factor_paths(start), key=jax.random.key(0), records=records)
   return start
 
