@@ -43,14 +43,7 @@ def error_plot(records: Sequence[dict], *, title: str | None = None, dpi: int = 
   step = max(1, int(np.ceil(n / 40)))
   ax.set_xticks(x[::step], [str(r.get("path", i)) for i, r in enumerate(records)][::step], rotation=90, fontsize=6)
   ax.grid(True, which="major", axis="y", color="#eeeeee")
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(loc="best", fontsize=8)
-  if title:
-    ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  return buf.getvalue()
+  return _finish(fig, ax, title)
 
 
 def curves_plot(curves: Sequence[dict], *, title: str | None = None, dpi: int = 110) -> bytes:
@@ -71,13 +64,18 @@ def curves_plot(curves: Sequence[dict], *, title: str | None = None, dpi: int = 
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.grid(True, color="#eeeeee")
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(loc="best", fontsize=8)
   lr = [(c["step"], c["lr"]) for c in curves if "lr" in c]
   if lr:
     ax_lr.plot(*zip(*lr), color=COLORS["quantized"])
   ax_lr.set_xlabel("step")
   ax_lr.set_ylabel("learning rate")
+  return _finish(fig, ax, title)
+
+
+def _finish(fig, ax, title: str | None) -> bytes:
+  """The legend (when anything is labelled) and title on `ax`, the layout, and the figure as PNG bytes."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="best", fontsize=8)
   if title:
     ax.set_title(title, fontsize=9)
   fig.tight_layout()
