@@ -79,8 +79,10 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
   Q = grid_lib.dequantize(codes, grid, spec)
-  lr, _ = lowrank.olrc(W - Q, Hd, rank, T=T)
-  state = (codes, Q, lr, objective(Q, lr))  # the first OLrC has nothing to be compared with
+  lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
+  # the first OLrC has nothing to be compared with; with no loop nothing is compared at all, so gilora's default
+  # single OLrC records the optimum OLrC returns anyway instead of a d_in² d_out product (unless trace asks)
+  state = (codes, Q, lr, objective(Q, lr) if loops or trace else optimum)
   values.append(state[-1])
   for i in range(loops):  # loops is small and static; each iteration is two exact block steps
     codes, Q, lr, _ = state
