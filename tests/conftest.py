@@ -25,6 +25,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "float32")
 
 
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  """`-n auto` (pyproject's addopts): one worker per usable core, at most 4. Each worker imports JAX, torch and
+  transformers (~1 GB), and several tests start subprocesses of their own (4 host devices, two hosts)."""
+  return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 @pytest.fixture
 def key():
   """A fresh PRNG key per test."""
