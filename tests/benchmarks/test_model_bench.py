@@ -13,7 +13,9 @@ def _load(name="model"):
   return mod
 
 
-def test_model_bench_smoke(tmp_path):
+def test_model_bench_smoke(tmp_path, monkeypatch):
+  # the gilora child compiles as a user's run does (the suite compiles unoptimized elsewhere: tests/conftest.py)
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "false")
   out = tmp_path / "model.jsonl"
   rec = _load().main(["--tiny", "--blocks", "1", "--nsamples", "4", "--seqlen", "64", "--eval-samples", "2",
                       "--matmul-d", "256", "--reps", "1", "--no-peer", "--workdir",
