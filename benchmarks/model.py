@@ -81,6 +81,9 @@ def parse_args(argv=None):
   p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-apart windows (calibration: 0)")
   p.add_argument("--matmul-d", type=int, default=2048, help="size of the float32 matmul that sets the rate")
   p.add_argument("--reps", type=int, default=3, help="best-of repetitions of the matmul")
+  p.add_argument("--compile-cache", choices=("cold", "warm"), default="cold",
+                 help="our child's persistent compilation cache: cold (a fresh, empty folder: a user's first run) "
+                 "or warm (WORKDIR/compile-cache, kept between runs: a repeated run, once a first one filled it)")
   p.add_argument("--tiny", action="store_true", help="a tiny Qwen3 (hidden 128) instead of Qwen3-0.6B's shape")
   p.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/gilora_model_bench"))
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "model.jsonl")
@@ -145,12 +148,12 @@ def windows(folder, text_path, nsamples, seqlen, seed):
 # ------------------------------------------------------------------------------------------------ children
 
 
-def run_child(cmd, log_path: pathlib.Path):
+def run_child(cmd, log_path: pathlib.Path, extra_env: dict | None = None):
   """Runs `cmd` (stdout to memory via a file, stderr to `log_path`); returns (seconds, its own peak RSS in GiB,
   stdout). `os.wait4` on the child's pid gives that child's rusage alone (with any children it waited for),
   so the figure is its own peak, not the maximum over every child this process ever ran."""
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), **(extra_env or {})}
   out_path = log_path.with_suffix(".stdout")
   with open(out_path, "w", encoding="utf-8") as out, open(log_path, "w", encoding="utf-8") as err:
     t0 = time.perf_counter()
@@ -372,8 +375,15 @@ def main(argv=None):
     shutil.rmtree(p, ignore_errors=True)
   cmd = ours_command(a, folder, ours_out, calib)
   log(f"ours: {' '.join(cmd[1:])}  (stderr: {logs / 'ours.log'})")
+  # the gilora command keeps compiled programs under ~/.cache by default: without this, which run pays the
+  # compilation would depend on what ran before on the machine
+  cache = a.workdir / ("compile-cache" if a.compile_cache == "warm" else "compile-cache-cold")
+  if a.compile_cache == "cold":
+    shutil.rmtree(cache, ignore_errors=True)
+  cache_entries = len(os.listdir(cache)) if cache.is_dir() else 0
+  log(f"compilation cache {a.compile_cache}: {cache} ({cache_entries} entries)")
   load_ours = os.getloadavg()[0]
-  ours_s, ours_rss, stdout = run_child(cmd, logs / "ours.log")
+  ours_s, ours_rss, stdout = run_child(cmd, logs / "ours.log", {"GILORA_COMPILATION_CACHE": str(cache)})
   summary = json.loads(stdout.strip().splitlines()[-1])
   records = [json.loads(line) for line in (ours_out / "records.jsonl").read_text().splitlines() if line.strip()]
   log(f"ours: {ours_s:.1f} s, peak RSS {ours_rss:.2f} GiB, quantize_model {summary.get('seconds')} s")
@@ -418,6 +428,7 @@ def main(argv=None):
       "nsamples": a.nsamples, "seqlen": a.seqlen, "eval_samples": a.eval_samples, "eval_seed": a.eval_seed,
       "method": a.method, "rank": a.rank, "loops": a.loops, "protocol": a.protocol, "bits": BITS,
       "group_size": GROUP_SIZE, "symmetric": True,
+      "ours_compile_cache": a.compile_cache, "ours_compile_cache_entries_before": cache_entries,
       "ours_cmd": " ".join(["gilora"] + cmd[3:]), "ours_batch_size": a.batch_size, "ours_diagnostics": a.diagnostics,
       "ours_act_order": a.act_order,
       "ours_layer_config": records[0].get("config") if records else None,  # as the command resolved it

@@ -1,6 +1,7 @@
 """Smoke test: benchmarks/model.py runs `gilora quantize` end to end on a tiny Qwen3 and writes one complete record."""
 import importlib.util
 import json
+import os
 import pathlib
 
 _DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
@@ -25,6 +26,9 @@ def test_model_bench_smoke(tmp_path, monkeypatch):
   assert rec["ours_wall_s"] >= rec["ours_quantize_s"] > 0  # the child's wall time includes its quantize_model call
   assert rec["ours_stages"] is None or isinstance(rec["ours_stages"], dict)
   assert rec["peer_wall_s"] is None and rec["err_ratio_ours_over_peer"] is None  # --no-peer
+  # cold by default: the child compiled into a fresh cache of the workdir, never the user's ~/.cache
+  assert rec["ours_compile_cache"] == "cold" and rec["ours_compile_cache_entries_before"] == 0
+  assert os.listdir(tmp_path / "work" / "compile-cache-cold")
   # every linear of the block, each with an output error in (0, 1); the mean is theirs
   assert [r["path"].split(".", 2)[-1] for r in rec["layers"]] == [
       "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
