@@ -10,7 +10,6 @@ folder was just built or read, so the read is a warm one.
 """
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import shutil
@@ -88,18 +87,15 @@ def main(argv=None):
   timed("manifest_sha256", lambda: files.manifest(str(plain)))
   timed("save_outside_whole", lambda: partial_lib.save_outside(str(tmp / f"partial_{next(n)}"), outside))
   size = lambda path: sum(f.stat().st_size for f in path.rglob("*") if f.is_file())  # noqa: E731
+  layer_bench = model_bench._layer  # pylint: disable=protected-access  (machine_facts, _git_commit, emit)
   rec = {"bench": "outside_write", "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "model": folder.name, "outside_bytes": nbytes, "reps": a.reps, "seconds": times,
          "bytes_on_disk": {"orbax_default": size(compressed), "ours": size(plain)},
-         "loadavg_1m_before": load0, "loadavg_1m_after": os.getloadavg()[0], "cores": os.cpu_count(),
-         "jax": jax.__version__, "orbax": ocp.__version__}
+         "loadavg_1m_before": load0, "loadavg_1m_after": os.getloadavg()[0], "orbax": ocp.__version__,
+         "gilora_commit": layer_bench._git_commit(pathlib.Path(__file__).resolve().parent.parent),  # pylint: disable=protected-access
+         **layer_bench.machine_facts()}
   shutil.rmtree(tmp, ignore_errors=True)
-  line = json.dumps(rec)
-  print(line)
-  a.out.parent.mkdir(parents=True, exist_ok=True)
-  with open(a.out, "a", encoding="utf-8") as f:
-    f.write(line + "\n")
-  return rec
+  return layer_bench.emit(rec, a.out)
 
 
 if __name__ == "__main__":
