@@ -237,7 +237,8 @@ def quantize_layer(
   if refines(cfg):
     rc = cfg.refine
     res = refine_lib.refine(Wz, codes, grid, site.Hf, cfg.grid, r, loops=rc.loops, damp=out.damp, order=rc.order,
-                            deflated=rc.deflated, block_size=cfg.gptq.block_size, Tt=out.Tt, trace=level == "full")
+                            deflated=rc.deflated, block_size=cfg.gptq.block_size, Tt=out.Tt, trace=level == "full",
+                            start=(out.lr, out.objective) if out.olrc_of_q else None)
     codes, Q, lr, free = res.codes, res.Q, res.lr, res.objective[-1]
     if level != "off":
       objective += [_nonneg("damped objective", float(v)) for v in res.objective]

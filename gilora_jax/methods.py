@@ -41,6 +41,7 @@ class MethodOutput(NamedTuple):
   Tt: jax.Array | None      # the transposed factor of H + λI in natural order, when the method made one
   srr_k: int | None         # SRR's preserved rank
   objective: jax.Array | None = None  # the damped objective of Q + L R when the method computed it anyway
+  olrc_of_q: bool = False   # lr is OLrC(W − Q) at this damping and `objective` its optimum: refinement starts there
 
 
 def _empty(W: jax.Array) -> lowrank.LowRank:
@@ -86,7 +87,7 @@ def gptq_lorc(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutpu
 def gptq_olrc(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:
   out = gptq(W, site, cfg)
   lr, optimum = _olrc(site.zero_dead(W), out.Q, site.Hf, out.damp, out.Tt, cfg.rank)
-  return out._replace(lr=lr, objective=optimum)
+  return out._replace(lr=lr, objective=optimum, olrc_of_q=True)
 
 
 def gilora(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:

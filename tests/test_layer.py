@@ -246,3 +246,22 @@ def test_olrc_reusing_the_sweep_factor_is_still_optimal(loops, damped, caplog):
   _, optimum = lowrank.olrc(jnp.asarray(E), jnp.asarray(Hd), 5)
   LR = np.asarray(res.L) @ np.asarray(res.R)
   np.testing.assert_allclose(np.sum((E - LR) * (Hd @ (E - LR))), float(optimum), rtol=1e-9)
+
+
+def test_gptq_olrc_refinement_starts_from_the_methods_olrc(monkeypatch):
+  """gptq+olrc with loops: refinement starts from the method's OLrC of Q instead of computing it again (traced
+  once in the method, once after the loop: 2, not 3), with the codes and factors of a start from scratch."""
+  from gilora_jax import methods  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant import lowrank  # pylint: disable=import-outside-toplevel
+  W, _, H = problems.layer(seed=5, d_in=72, d_out=40, n=400)  # a shape no other test uses: traced here
+  W, H = W.astype(np.float32), H.astype(np.float32)
+  calls, olrc = [], lowrank.olrc
+  monkeypatch.setattr(lowrank, "olrc", lambda *a, **k: calls.append(1) or olrc(*a, **k))
+  a = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=4, loops=1)
+  assert len(calls) == 2, calls
+  method = methods.METHODS["gptq+olrc"]
+  monkeypatch.setitem(methods.METHODS, "gptq+olrc", lambda *x: method(*x)._replace(olrc_of_q=False))
+  b = gj.quantize_layer(W, H, method="gptq+olrc", bits=3, rank=4, loops=1)
+  assert len(calls) == 4  # the method's compiled OLrC is reused; the refinement now traces its own first and last
+  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+  np.testing.assert_array_equal(np.asarray(a.L) @ np.asarray(a.R), np.asarray(b.L) @ np.asarray(b.R))

@@ -44,7 +44,8 @@ class RefineResult(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("spec", "rank", "loops", "order", "deflated", "block_size", "trace"))
 def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridSpec, rank: int, *, loops: int,
            damp: float | jax.Array = 0.01, order: str = "forward", deflated: bool = False, block_size: int = 128,
-           Tt: jax.Array | None = None, trace: bool = True) -> RefineResult:
+           Tt: jax.Array | None = None, trace: bool = True,
+           start: tuple[lowrank.LowRank, jax.Array] | None = None) -> RefineResult:
   """``loops`` × [OLrC → Bid-Up] then OLrC, from Q = the codes on ``grid`` (the grid is never re-fitted).
 
   Args:
@@ -60,6 +61,8 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     trace: record the objective after every step; False records it after every OLrC only (the codes and
       factors are the same: every step's objective is evaluated anyway, one d_in² d_out product each, for the
       accept/reject guard that keeps the recorded objective from ever rising in floating point).
+    start: ``(lr, optimum)``, the OLrC of the starting Q at this damping and its objective, when the caller
+      has it (``gptq+olrc``'s method output): the first OLrC is then not computed again.
 
   Returns:
     ``RefineResult(codes, Q, lr, objective)``.
@@ -79,7 +82,7 @@ def refine(W: jax.Array, codes: jax.Array, grid: Grid, H: jax.Array, spec: GridS
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
   Q = grid_lib.dequantize(codes, grid, spec)
-  lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T)
+  lr, optimum = lowrank.olrc(W - Q, Hd, rank, T=T) if start is None else start
   # the first OLrC has nothing to be compared with; with no loop nothing is compared at all, so gilora's default
   # single OLrC records the optimum OLrC returns anyway instead of a d_in² d_out product (unless trace asks)
   state = (codes, Q, lr, objective(Q, lr) if loops or trace else optimum)
