@@ -10,6 +10,10 @@ workdir/metrics.jsonl. Errors are float32 (the issue's table is float64).
 
   python experiments/layer_defaults.py --bits 3 --rank 32 --workdir runs/layer_defaults
   python experiments/layer_defaults.py --bits 3 --rank 32 --srr_bruteforce true --workdir runs/layer_defaults_k
+  python experiments/layer_defaults.py --model runs/smollm2-135m-instruct --blocks 0,10,20,29 --workdir runs/ld_smol
+
+``--model`` takes any local HF folder of the Llama family (SmolLM2 from experiments/smollm2.py); ``--blocks``
+picks the blocks whose linears are measured, ``--variants`` a subset of VARIANTS by label.
 """
 import dataclasses
 import os
@@ -32,6 +36,10 @@ VARIANTS = {  # label -> quantize_layer options (method and flags)
     "gilora mse": dict(method="gilora", mse=True),
     "gilora act_order": dict(method="gilora", act_order=True),
     "gilora mse+act_order": dict(method="gilora", mse=True, act_order=True),
+    "gilora mse+act_order 1 deflated loop": dict(method="gilora", mse=True, act_order=True, loops=1,
+                                                 bidup_deflated=True),
+    "gilora mse+act_order 2 deflated loops": dict(method="gilora", mse=True, act_order=True, loops=2,
+                                                  bidup_deflated=True),
     "gilora best flags": dict(method="gilora", **BEST),
     "gptq+olrc best flags": dict(method="gptq+olrc", **BEST),
     "srr": dict(method="srr"),
@@ -48,25 +56,37 @@ class Args:
   rank: int = 32
   calib_windows: int = 64                   # 256-token windows of calib.txt behind each Hessian
   srr_bruteforce: bool = False
+  model: str = ""                           # a local HF folder (Llama/Qwen2/Qwen3 family); empty: the built-in LM
+  blocks: tuple[str, ...] = ()              # block indices to take layers from (comma-separated); empty: all
+  variants: tuple[str, ...] = ()            # labels of VARIANTS to run (comma-separated); empty: all
   workdir: pathlib.Path = pathlib.Path("runs/layer_defaults")
 
 
-def layers(calib_windows: int):
-  """[(name, W (d_in, d_out) float32, H float32)] for every linear of the built-in LM."""
+def layers(calib_windows: int, model_path: str = "", blocks: tuple = ()):
+  """[(name, W (d_in, d_out) float32, H float32)] for every linear of the chosen blocks of the built-in LM, or
+  of the HF folder `model_path` (its calib.txt when it has one, else the built-in LM's)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   from gilora_jax import assets, load_model  # pylint: disable=import-outside-toplevel
-  from gilora_jax.models import qwen3  # pylint: disable=import-outside-toplevel
-  model, tok = load_model(assets.QWEN3_SHAKESPEARE), AutoTokenizer.from_pretrained(assets.QWEN3_SHAKESPEARE)
-  ids = np.asarray(tok(assets.lm_text("calib"))["input_ids"], np.int32)
+  from gilora_jax.models import llama  # pylint: disable=import-outside-toplevel
+  folder = model_path or assets.QWEN3_SHAKESPEARE
+  model, tok = load_model(folder), AutoTokenizer.from_pretrained(folder)
+  calib_txt = pathlib.Path(folder) / "calib.txt"
+  text = calib_txt.read_text(encoding="utf-8") if calib_txt.is_file() else assets.lm_text("calib")
+  ids = np.asarray(tok(text)["input_ids"], np.int32)
+  keep = {int(b) for b in blocks}
   calib = ids[: len(ids) // 256 * 256].reshape(-1, 256)[:calib_windows]
   out, x = [], model.embed(jnp.asarray(calib))
   for i, block in enumerate(model.layers):
+    if keep and i > max(keep):
+      break
     x, taps = block(x)
+    if keep and i not in keep:
+      continue
     for site, t in taps.items():
       t = t.reshape(-1, t.shape[-1]).astype(jnp.float32)
       H = np.asarray(t.T @ t)
-      for name in qwen3.QUANT_SITES[site]:
+      for name in llama.QUANT_SITES[site]:
         linear = block
         for part in name.split("."):
           linear = getattr(linear, part)
@@ -85,11 +105,19 @@ def main(a: Args) -> dict:
     rep = quantize_layer(W, H, **common, **kw).report
     return rep, time.perf_counter() - t0
 
-  err = {v: [] for v in VARIANTS}
-  cost = {v: [] for v in VARIANTS}
   kstats = []
-  for name, W, H in layers(a.calib_windows):
-    reps = {v: run(W, H, **kw) for v, kw in VARIANTS.items()}
+  unknown = sorted(set(a.variants) - set(VARIANTS))
+  if unknown:
+    sys.exit(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+  variants = {v: VARIANTS[v] for v in (a.variants or VARIANTS)}
+  if a.srr_bruteforce:
+    variants.setdefault("srr", VARIANTS["srr"])
+  variants.setdefault("gptq", VARIANTS["gptq"])
+  variants.setdefault("gptq+olrc", VARIANTS["gptq+olrc"])
+  err = {v: [] for v in variants}
+  cost = {v: [] for v in variants}
+  for name, W, H in layers(a.calib_windows, a.model, a.blocks):
+    reps = {v: run(W, H, **kw) for v, kw in variants.items()}
     base, t_gptq = reps["gptq+olrc"][0].rel_err, reps["gptq"][1]
     for v, (rep, sec) in reps.items():
       err[v].append(rep.rel_err / base)
@@ -104,12 +132,12 @@ def main(a: Args) -> dict:
   print(f"\n{len(err['gilora'])} layers, {a.bits}-bit, group {a.group_size or 'per-channel'}, rank {a.rank}; "
         f"error / default gptq+olrc (median, worst), cost / plain gptq (median)")
   table = {}
-  for v in VARIANTS:
+  for v in variants:
     e, c = np.asarray(err[v]), np.asarray(cost[v])
     table[v] = dict(median=float(np.median(e)), worst=float(np.max(e)), cost=float(np.median(c)))
-    print(f"  {v:<24}{np.median(e):>7.3f} ({np.max(e):.3f}){np.median(c):>8.2f}×")
-  best_olrc = np.asarray(err["gptq+olrc best flags"])
-  for v in ("gilora best flags", "srr best flags"):
+    print(f"  {v:<40}{np.median(e):>7.3f} ({np.max(e):.3f}){np.median(c):>8.2f}×")
+  best_olrc = np.asarray(err.get("gptq+olrc best flags", [np.nan]))
+  for v in [v for v in ("gilora best flags", "srr best flags") if v in err]:
     rel = np.asarray(err[v]) / best_olrc
     print(f"  {v} / gptq+olrc best flags: median {np.median(rel):.3f}, worst {np.max(rel):.3f}")
   for name, k_star, best, ratio in kstats:
