@@ -50,7 +50,7 @@ VARIANTS = {  # label -> quantize_layer options (method and flags)
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-  """Per-variant error ratio and cost over the built-in LM's real layers."""
+  """Per-variant error ratio and cost over the real layers of the built-in LM (or of --model)."""
   bits: int = 3
   group_size: int = 0                       # 0 = per output channel
   rank: int = 32
@@ -75,10 +75,14 @@ def layers(calib_windows: int, model_path: str = "", blocks: tuple = ()):
   text = calib_txt.read_text(encoding="utf-8") if calib_txt.is_file() else assets.lm_text("calib")
   ids = np.asarray(tok(text)["input_ids"], np.int32)
   keep = {int(b) for b in blocks}
+  if keep and not keep <= set(range(len(model.layers))):
+    sys.exit(f"--blocks: {sorted(keep - set(range(len(model.layers))))} out of range; {folder} has "
+             f"{len(model.layers)} blocks (0..{len(model.layers) - 1})")
+  last = max(keep, default=len(model.layers) - 1)
   calib = ids[: len(ids) // 256 * 256].reshape(-1, 256)[:calib_windows]
   out, x = [], model.embed(jnp.asarray(calib))
   for i, block in enumerate(model.layers):
-    if keep and i > max(keep):
+    if i > last:
       break
     x, taps = block(x)
     if keep and i not in keep:
@@ -129,15 +133,16 @@ def main(a: Args) -> dict:
       k_star = reps["srr"][0].srr_k
       kstats.append((name, k_star, int(np.argmin(ks)), ks[k_star] / min(ks)))
       writer.write(layer=name, srr_k=k_star, best_k=int(np.argmin(ks)), k_ratio=ks[k_star] / min(ks), errors=ks)
-  print(f"\n{len(err['gilora'])} layers, {a.bits}-bit, group {a.group_size or 'per-channel'}, rank {a.rank}; "
+  print(f"\n{len(err['gptq'])} layers, {a.bits}-bit, group {a.group_size or 'per-channel'}, rank {a.rank}; "
         f"error / default gptq+olrc (median, worst), cost / plain gptq (median)")
   table = {}
   for v in variants:
     e, c = np.asarray(err[v]), np.asarray(cost[v])
     table[v] = dict(median=float(np.median(e)), worst=float(np.max(e)), cost=float(np.median(c)))
     print(f"  {v:<40}{np.median(e):>7.3f} ({np.max(e):.3f}){np.median(c):>8.2f}×")
-  best_olrc = np.asarray(err.get("gptq+olrc best flags", [np.nan]))
-  for v in [v for v in ("gilora best flags", "srr best flags") if v in err]:
+  pairs = [v for v in ("gilora best flags", "srr best flags") if v in err and "gptq+olrc best flags" in err]
+  for v in pairs:
+    best_olrc = np.asarray(err["gptq+olrc best flags"])
     rel = np.asarray(err[v]) / best_olrc
     print(f"  {v} / gptq+olrc best flags: median {np.median(rel):.3f}, worst {np.max(rel):.3f}")
   for name, k_star, best, ratio in kstats:
