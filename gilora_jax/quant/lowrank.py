@@ -79,14 +79,24 @@ def olrc(E: jax.Array, Hd: jax.Array, rank: int, *, T: jax.Array | None = None) 
   d_in, d_out = E.shape
   if d_out <= d_in:
     e, V, tr = _top_eigh(linalg.tn(E, _mm(Hd, E)), rank)
-    return LowRank(_mm(E, V), V.T), tr - jnp.sum(e)
+    return LowRank(_mm(E, V), V.T), _left_over(tr, e, d_out)
   if T is None:
     from gilora_jax.quant import hessian  # pylint: disable=import-outside-toplevel
     T = hessian.factor(Hd)
   Z = linalg.tn(T, E)
   e, U, tr = _top_eigh(_mm(Z, Z.T), rank)
   L = jax.scipy.linalg.solve_triangular(T, U, trans="T", lower=False)
-  return LowRank(L, linalg.tn(U, Z)), tr - jnp.sum(e)
+  return LowRank(L, linalg.tn(U, Z)), _left_over(tr, e, d_in)
+
+
+def _left_over(tr: jax.Array, e: jax.Array, n: int) -> jax.Array:
+  """OLrC's optimum ``tr − Σ e`` (the trace of an n × n Gram matrix minus its top-r eigenvalues), ≥ 0 in exact
+  arithmetic. When E has rank ≤ r (a rank-1 W whose columns all get the same grid, say) the true value is 0 and
+  the subtraction leaves round-off of either sign, about eps · tr; a negative within 8 · n · eps · tr is that, and
+  reads 0. A larger negative is kept, so the caller's check still refuses a Hessian that is not PSD."""
+  opt = tr - jnp.sum(e)
+  tol = 8 * n * jnp.finfo(opt.dtype).eps * jnp.abs(tr)
+  return jnp.where((opt < 0) & (opt >= -tol), jnp.zeros_like(opt), opt)
 
 
 def lorc(E: jax.Array, rank: int) -> LowRank:

@@ -71,3 +71,21 @@ def test_olrc_beats_lorc_in_output_error():
   L2, R2 = lowrank.lorc(jnp.asarray(E), 8)
   assert problems.out_err(E, np.asarray(L @ R), H) < problems.out_err(E, np.asarray(L2 @ R2), H)
   del W
+
+
+@pytest.mark.parametrize("d_out", [16, 48])  # both routes: the output-side Gram (d_out ≤ d_in), the input-side one
+def test_optimum_of_a_residual_within_the_rank_is_zero_not_negative(rng, d_out):
+  """E of rank 1 ≤ r: the optimum is 0; computed as tr − Σ top-r it leaves round-off of either sign, which must not
+  read as a negative energy (quantize_layer refuses those as a non-PSD H); a genuinely negative one still shows."""
+  d_in = 32
+  X = rng.standard_normal((200, d_in))
+  Hd = jnp.asarray(X.T @ X + np.eye(d_in), jnp.float32)
+  for scale in (1.0, 3.0, 1e3):
+    E = jnp.asarray(scale * np.outer(rng.standard_normal(d_in), np.ones(d_out)), jnp.float32)
+    _, opt = lowrank.olrc(E, Hd, 4)
+    assert float(opt) >= 0.0, (scale, float(opt))
+  e, V = np.linalg.eigh(np.asarray(Hd, np.float64))
+  H_bad = jnp.asarray((V * np.where(np.arange(d_in) == 0, -50.0, e)[None]) @ V.T, jnp.float32)
+  E = jnp.asarray(np.outer(V[:, 0], np.ones(d_out)) + 0.01 * rng.standard_normal((d_in, d_out)), jnp.float32)
+  if d_out <= d_in:  # the output-side Gram needs no factor of the (indefinite) matrix
+    assert float(lowrank.olrc(E, H_bad, 1)[1]) < 0
