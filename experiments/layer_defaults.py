@@ -13,7 +13,12 @@ workdir/metrics.jsonl. Errors are float32 (the issue's table is float64).
   python experiments/layer_defaults.py --model runs/smollm2-135m-instruct --blocks 0,10,20,29 --workdir runs/ld_smol
 
 ``--model`` takes any local HF folder of the Llama family (SmolLM2 from experiments/smollm2.py); ``--blocks``
-picks the blocks whose linears are measured, ``--variants`` a subset of VARIANTS by label.
+picks the blocks whose linears are measured, ``--variants`` a subset of VARIANTS by label. ``--synthetic D``
+replaces the layers by one synthetic D × D layer (benchmarks/layer.py's W and H from 8192 heavy-tailed tokens)
+for the cost column at the width of the models users quantize (the clip search grows as d_in·d_out, GPTQ as
+d_in²·d_out):
+
+  python experiments/layer_defaults.py --synthetic 4096 --variants "gptq,gilora,gilora mse+act_order" --workdir runs/ld_4096
 """
 import dataclasses
 import os
@@ -28,7 +33,11 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import _builtin  # noqa: E402  pylint: disable=wrong-import-position
 
 BEST = dict(mse=True, act_order=True, loops=3, bidup_deflated=True)  # the existing flags that measured best
-VARIANTS = {  # label -> quantize_layer options (method and flags)
+# label -> quantize_layer options (method and flags), each on top of the flags the defaults had before 2026-12-03
+# (gilora_jax.config.FAST: no clip search, no act-order), so that every label keeps the meaning of the tables
+# measured before; "gilora (default)" takes the library's defaults as they are now.
+PLAIN = dict(mse=False, act_order=False)
+VARIANTS = {label: {**PLAIN, **kw} for label, kw in {
     "gptq": dict(method="gptq"),
     "gptq+olrc": dict(method="gptq+olrc"),
     "gilora": dict(method="gilora"),
@@ -45,7 +54,8 @@ VARIANTS = {  # label -> quantize_layer options (method and flags)
     "srr": dict(method="srr"),
     "srr mse+act_order": dict(method="srr", mse=True, act_order=True),
     "srr best flags": dict(method="srr", **BEST),
-}
+}.items()}
+VARIANTS["gilora (default)"] = dict(method="gilora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,8 @@ class Args:
   model: str = ""                           # a local HF folder (Llama/Qwen2/Qwen3 family); empty: the built-in LM
   blocks: tuple[str, ...] = ()              # block indices to take layers from (comma-separated); empty: all
   variants: tuple[str, ...] = ()            # labels of VARIANTS to run (comma-separated); empty: all
+  synthetic: int = 0                        # > 0: one synthetic d × d layer (benchmarks/layer.py's) instead, for
+                                            #   the cost column at a real model's width; its errors mean little
   workdir: pathlib.Path = pathlib.Path("runs/layer_defaults")
 
 
@@ -120,7 +132,13 @@ def main(a: Args) -> dict:
   variants.setdefault("gptq+olrc", VARIANTS["gptq+olrc"])
   err = {v: [] for v in variants}
   cost = {v: [] for v in variants}
-  for name, W, H in layers(a.calib_windows, a.model, a.blocks):
+  if a.synthetic:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import layer as layer_bench  # pylint: disable=import-outside-toplevel
+    todo = [(f"synthetic {a.synthetic}x{a.synthetic}", *layer_bench.make_layer(a.synthetic, 8192, 0))]
+  else:
+    todo = layers(a.calib_windows, a.model, a.blocks)
+  for name, W, H in todo:
     reps = {v: run(W, H, **kw) for v, kw in variants.items()}
     base, t_gptq = reps["gptq+olrc"][0].rel_err, reps["gptq"][1]
     for v, (rep, sec) in reps.items():
@@ -129,7 +147,7 @@ def main(a: Args) -> dict:
       writer.write(layer=name, variant=v, rel_err=rep.rel_err, ratio=rep.rel_err / base, seconds=round(sec, 4),
                    cost_vs_gptq=round(sec / t_gptq, 3), srr_k=rep.srr_k)
     if a.srr_bruteforce:
-      ks = [quantize_layer(W, H, **common, method="srr", srr_k=k).report.rel_err for k in range(a.rank + 1)]
+      ks = [quantize_layer(W, H, **common, **VARIANTS["srr"], srr_k=k).report.rel_err for k in range(a.rank + 1)]
       k_star = reps["srr"][0].srr_k
       kstats.append((name, k_star, int(np.argmin(ks)), ks[k_star] / min(ks)))
       writer.write(layer=name, srr_k=k_star, best_k=int(np.argmin(ks)), k_ratio=ks[k_star] / min(ks), errors=ks)

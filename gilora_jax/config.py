@@ -45,7 +45,7 @@ DIAGNOSTICS = ("off", "auto", "errors", "full")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQOptions:
   """The GPTQ sweep (Frantar et al., Alg. 1) and its reference options."""
-  act_order: bool = False      # visit input rows by decreasing H_ii (with groups: static groups fitted up front)
+  act_order: bool = True       # visit input rows by decreasing H_ii (with groups: static groups fitted up front)
   static_groups: bool = False  # fit group grids on W up front instead of lazily during the sweep
   block_size: int = 128        # rows per lazy-batch block (never changes the result)
   factor: str = "cholesky"     # the triangular factor of H_λ: "cholesky", or "eigh" (Paper A's GPTQ*)
@@ -72,7 +72,7 @@ class SRROptions:
 class LayerConfig:
   """Every option of `quantize_layer` (hashable; its defaults are the library's defaults)."""
   method: str = "gilora"
-  grid: GridSpec = GridSpec(bits=3)
+  grid: GridSpec = GridSpec(bits=3, mse=True)  # the clip search on (GridSpec's own default, the min–max grid, is off)
   rank: int = 32
   damp: float = 0.01
   seed: int = 0
@@ -194,6 +194,16 @@ class QuantConfig:
                activations=d.get("activations", "float32"),
                rules=tuple(Rule(r["pattern"], skip=r.get("skip", False), **r.get("set", {}))
                            for r in d.get("rules", ())))
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+# Flat option sets applied as a whole (`quantize_layer(W, H, **FAST)`, `LayerConfig().replace(**FAST)`,
+# `gilora quantize --fast`); options given beside a preset win. The defaults take the clip search and act-order,
+# which halve gilora's error on real layers (BENCHMARKS.md, "Layer settings"); FAST turns both off, as the
+# defaults were before, for about two thirds of the cost on SmolLM2-size layers.
+FAST: dict[str, Any] = {"mse": False, "act_order": False}
+PRESETS: dict[str, dict[str, Any]] = {"fast": FAST}
 
 
 # ------------------------------------------------------------------------------------------------ flat names

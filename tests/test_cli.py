@@ -284,3 +284,23 @@ def test_clear_errors(lm_folder, tmp_path, capsys):
   rc, _, err = _run(capsys, "quantize", "--model", lm_folder, "--method", "gptq", "--rule", "broken",
                     "--out", str(tmp_path / "x"))
   assert rc == 2 and "--rule" in err
+
+
+def test_fast_preset_turns_off_the_clip_search_and_act_order_and_given_flags_win():
+  """The defaults search the clip ratio and visit rows in act-order; --fast (config.FAST) is both off, as the
+  defaults were before; a flag given beside it wins; quantize_layer takes the preset as keywords."""
+  import gilora_jax as gj  # pylint: disable=import-outside-toplevel
+  from gilora_jax import config  # pylint: disable=import-outside-toplevel
+  from gilora_jax.examples import example_layer  # pylint: disable=import-outside-toplevel
+  assert config.LayerConfig().grid.mse and config.LayerConfig().gptq.act_order
+  sub = cli.build_parser().commands["quantize"]
+  cfg = lambda *argv: cli._layer_config(sub.parse_args(list(argv)))  # noqa: E731  pylint: disable=protected-access
+  assert cfg().grid.mse and cfg().gptq.act_order
+  assert not cfg("--fast").grid.mse and not cfg("--fast").gptq.act_order
+  assert cfg("--fast", "--mse").grid.mse and not cfg("--fast", "--mse").gptq.act_order
+  assert cfg("--fast", "--bits", "4").grid == config.GridSpec(bits=4)
+  W, H = example_layer()
+  fast = gj.quantize_layer(W, H, **config.FAST)
+  plain = gj.quantize_layer(W, H, mse=False, act_order=False)
+  np.testing.assert_array_equal(np.asarray(fast.codes), np.asarray(plain.codes))
+  assert not np.array_equal(np.asarray(fast.codes), np.asarray(gj.quantize_layer(W, H).codes))

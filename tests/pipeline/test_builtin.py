@@ -4,9 +4,15 @@ Margins (README, "How much the figures move"): across 14 emulated machine setups
 to 0.14 (gptq) and 0.08 (gptq+olrc, gilora), but within every run the ordering held, its narrowest gap being
 gilora vs gptq+olrc at 0.031; the mean layer errors moved by under 0.3 % with ratios of at least 1.38 between
 neighbours. gilora+1loop against gilora is within the machine noise (either sign), so nothing is claimed there.
+
+The papers' settings (min–max grid, natural row order: `config.FAST`), not the library's defaults: with the clip
+search and act-order every method's layer error falls, but on this 1.2 M-parameter LM gilora's perplexity then
+lands above gptq+olrc's (66.53 against 66.43, BENCHMARKS.md "Layer settings"), so the papers' ordering is
+checked where the papers state it.
 """
 import pytest
 
+from gilora_jax import config as config_lib
 from gilora_jax.pipeline import apply, run
 
 
@@ -15,7 +21,7 @@ def test_builtin_lm_perplexity_ordering():
   lm, _ = run.builtin_folders()
   if lm is None:
     pytest.skip("the built-in LM is not in this checkout (gilora_jax/assets/qwen3-shakespeare lands from `assets`)")
-  rows = run.builtin_comparison(lm, None, config=apply.make_config(bits=3, rank=16), nsamples=32, seqlen=256,
+  rows = run.builtin_comparison(lm, None, config=apply.make_config(bits=3, rank=16, **config_lib.FAST), nsamples=32, seqlen=256,
                                 eval_seqlen=256, runs=run.BUILTIN_RUNS[:4])
   ppl = {r["label"]: r["perplexity"] for r in rows}
   err = {r["label"]: r["mean_rel_err"] for r in rows if r["mean_rel_err"] is not None}

@@ -13,6 +13,8 @@ from gilora_jax.quant import hessian
 from tests.quant import problems
 from tests.reference.gptq_numpy import gptq_reference, rtn_reference
 
+PLAIN = dict(mse=False, act_order=False)  # the reference's min–max grid and natural row order
+
 CASES = [  # (group_size, symmetric, act_order, static_groups)
     (None, False, False, False),
     (None, True, False, False),
@@ -32,7 +34,7 @@ def test_float64_codes_identical_to_reference(group_size, symmetric, act_order, 
   ref = gptq_reference(W, H, 3, group_size=group_size, symmetric=symmetric, act_order=act_order,
                        static_groups=static_groups, block_size=group_size or 128)
   res = gj.quantize_layer(W, H, method="gptq", bits=3, group_size=group_size, symmetric=symmetric,
-                          act_order=act_order, static_groups=static_groups, diagnostics=False)
+                          act_order=act_order, static_groups=static_groups, diagnostics=False, mse=False)
   if symmetric:  # the reference keeps IST's half-range quirk for columns without a negative entry; ours does not
     assert (W.min(axis=0) < 0).all()
   np.testing.assert_array_equal(np.asarray(res.codes), ref["codes"])
@@ -42,7 +44,8 @@ def test_float64_codes_identical_to_reference(group_size, symmetric, act_order, 
 def test_float32_matches_reference_closely():
   W, _, H = problems.layer(seed=2, d_in=256, d_out=128, n=2048, decay=60, outliers=3)
   ref = gptq_reference(W, H, 4, group_size=64, block_size=64)
-  res = gj.quantize_layer(W.astype(np.float32), H.astype(np.float32), method="gptq", bits=4, group_size=64)
+  res = gj.quantize_layer(W.astype(np.float32), H.astype(np.float32), method="gptq", bits=4, group_size=64,
+                          mse=False, act_order=False)
   same = np.mean(np.asarray(res.codes) == ref["codes"])
   assert same >= 0.995, same
   err_ref = problems.out_err(W, ref["Q"], H)
@@ -88,12 +91,12 @@ def test_gptq_beats_rtn_in_output_but_not_weight_error():
   """qwix's relational property on heavy-tailed inputs: larger weight error, smaller output error."""
   W, _, H = problems.layer(seed=5, d_in=256, d_out=128, n=2048, decay=40)
   for bits in (3, 4, 8):
-    g = gj.quantize_layer(W, H, diagnostics="full", method="gptq", bits=bits, group_size=64)
-    r = gj.quantize_layer(W, H, diagnostics="full", method="rtn", bits=bits, group_size=64)
+    g = gj.quantize_layer(W, H, diagnostics="full", method="gptq", bits=bits, group_size=64, **PLAIN)
+    r = gj.quantize_layer(W, H, diagnostics="full", method="rtn", bits=bits, group_size=64, **PLAIN)
     assert g.report.rel_err < 0.8 * r.report.rel_err
     assert np.sum((np.asarray(g.Q) - W) ** 2) > np.sum((np.asarray(r.Q) - W) ** 2)
   ref = rtn_reference(W, 4, group_size=64)
-  np.testing.assert_array_equal(np.asarray(gj.quantize_layer(W, H, method="rtn", bits=4, group_size=64).codes),
+  np.testing.assert_array_equal(np.asarray(gj.quantize_layer(W, H, method="rtn", bits=4, group_size=64, **PLAIN).codes),
                                 ref["codes"])
 
 
@@ -147,5 +150,5 @@ def test_gptq_from_w_and_h_or_a_prepared_site():
   assert a.factor.damp == 0.01 and a.factor.perm is None
   c = gptq_lib.gptq(W, site, spec, act_order=True)
   assert c.factor.perm is not None and c.grid.scales.shape == (4, 20)
-  np.testing.assert_array_equal(np.asarray(gj.quantize_layer(W, H, method="gptq", bits=3, group_size=16).codes),
+  np.testing.assert_array_equal(np.asarray(gj.quantize_layer(W, H, method="gptq", bits=3, group_size=16, **PLAIN).codes),
                                 np.asarray(a.codes))

@@ -47,7 +47,7 @@ def test_schur_form_equals_literal_augmented_sweep(bits, r):
   np.testing.assert_allclose(np.abs(np.asarray(res.lr.L).T @ L_ref), np.eye(r), atol=1e-8)
   np.testing.assert_allclose(np.asarray(res.lr.L @ res.lr.R), L_ref @ R_ref, atol=1e-9)
   # quantize_layer's gilora without its final OLrC is exactly this function
-  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False)
+  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False, mse=False, act_order=False)
   np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(res.codes))
   np.testing.assert_array_equal(np.asarray(via.L @ via.R), np.asarray(res.lr.L @ res.lr.R))
 
