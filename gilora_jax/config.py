@@ -215,7 +215,7 @@ FIELDS: dict[str, tuple[str, str]] = {
     "rank": ("rank", "rank r of the low-rank term (rtn and gptq have none)"),
     "group_size": ("grid.group_size", "input rows per grid; unset: one grid per output channel"),
     "symmetric": ("grid.symmetric", "symmetric grids (zero point in the middle)"),
-    "shrink": ("grid.shrink", "shrink factor β of the min–max grid step, in (0, 1]"),
+    "shrink": ("grid.shrink", "shrink factor β of the min–max grid step, in (0, 1]; with --no-mse only"),
     "mse": ("grid.mse", "search each column's clip ratio for the smallest |q − w|^2.4 (overrides shrink)"),
     "loops": ("refine.loops", "Bid-Up/OLrC refinement loops after the method"),
     "damp": ("damp", "relative damping λ = damp · mean diag H (gilora: of the augmented Hessian)"),
@@ -310,6 +310,9 @@ def _validate_options(cfg: LayerConfig) -> None:
     if value not in choices:
       raise OptionError(name, value, f"is unknown; choose one of {choices}.")
   cfg.grid.validate(None)
+  if cfg.grid.mse and cfg.grid.shrink != 1.0:  # the clip search replaces the fixed shrink: say so, never ignore it
+    raise OptionError("shrink", cfg.grid.shrink, "has no effect while mse is on (the default: each column's clip "
+                      "ratio is searched); turn mse off with it for a fixed shrink, or leave {name} at 1.")
   if not isinstance(cfg.rank, int) or cfg.rank < 0:
     raise OptionError("rank", cfg.rank, "must be a non-negative integer.")
   if not isinstance(cfg.refine.loops, int) or cfg.refine.loops < 0:

@@ -53,7 +53,8 @@ def test_integers_are_checked_not_truncated():
 @pytest.mark.parametrize("flat, name", [(dict(method="awq"), "method"), (dict(bits=9), "bits"), (dict(loops=-1), "loops"),
                                         (dict(damp=0.0), "damp"), (dict(block_size=0), "block_size"),
                                         (dict(srr_k=40), "srr_k"), (dict(factor="qr"), "factor"),
-                                        (dict(shrink=1.5), "shrink"), (dict(group_size=0), "group_size")])
+                                        (dict(shrink=1.5), "shrink"), (dict(group_size=0), "group_size"),
+                                        (dict(shrink=0.9), "shrink")])  # a fixed shrink under the default mse
 def test_validation_names_the_option(flat, name):
   with pytest.raises(OptionError) as e:
     LayerConfig().replace(**flat).validate()

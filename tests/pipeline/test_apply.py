@@ -132,10 +132,10 @@ def test_resume_is_bit_identical(lm, lm_calib, tmp_path):
 def test_quant_config_json_round_trip():
   """What a checkpoint's metadata stores (to_json, through JSON text) reads back as the same config."""
   import json  # pylint: disable=import-outside-toplevel
-  config = apply.make_config(method="gilora", bits=3, rank=8, group_size=32, loops=1, mse=True, shrink=0.9,
+  config = apply.make_config(method="gilora", bits=3, rank=8, group_size=32, loops=1, mse=False, shrink=0.9,
                              rules=(apply.Rule(r".*down_proj", bits=4, bidup_order="both"),
                                     apply.Rule(r".*q_proj", skip=True)))
-  assert config.layer.grid.mse and config.layer.refine.loops == 1
+  assert config.layer.grid.shrink == 0.9 and config.layer.refine.loops == 1
   assert apply.QuantConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
 
 
