@@ -203,7 +203,6 @@ class QuantConfig:
 # which halve gilora's error on real layers (BENCHMARKS.md, "Layer settings"); FAST turns both off, as the
 # defaults were before, for about 70 % of the cost on SmolLM2-size layers (less saved on wider ones).
 FAST: dict[str, Any] = {"mse": False, "act_order": False}
-PRESETS: dict[str, dict[str, Any]] = {"fast": FAST}
 
 
 # ------------------------------------------------------------------------------------------------ flat names
