@@ -125,15 +125,20 @@ def _minmax_params(xmin, xmax, spec: GridSpec, shrink):
   return shrink * scale0, zero
 
 
-def _clip_score(Wg, p, xmin, xmax, spec: GridSpec):
+def _clip_score(WgT, p, xmin, xmax, spec: GridSpec):
   """``Σ_t |Q_p(w_t) − w_t|^2.4`` per column for per-column clip ratios ``p``, with the grid it scored.
 
+  ``WgT`` is the group transposed, (d_out, rows): each column's rows contiguous, so the sum is over the minor
+  axis. XLA:CPU reduces the major axis of a (rows, d_out) array at a stride of d_out, which for a fit of every
+  group at once (rows 128, d_out · G columns) measured 4.4–6.6× slower (0.54–0.77 s against 0.12 s for 3 M
+  weights, 24 candidates); per-channel fits were the same either way.
   The power is ``e² · exp(0.2 · log e²)``: XLA's ``pow`` is several times slower than an exp and a log on CPU
   (measured 5.6 ms against 1.5 ms on 576 × 1536), and this form is as accurate (relative 6e-7); e = 0 gives 0.
   """
   scale, zero = _minmax_params(p * xmin, p * xmax, spec, 1.0)
-  e2 = (dequantize_rows(quantize_rows(Wg, scale[None], zero[None], spec.maxq), scale[None], zero[None]) - Wg) ** 2
-  return jnp.sum(e2 * jnp.exp((_MSE_NORM / 2 - 1) * jnp.log(e2)), axis=0), scale, zero
+  s, z = scale[:, None], zero[:, None]
+  e2 = (dequantize_rows(quantize_rows(WgT, s, z, spec.maxq), s, z) - WgT) ** 2
+  return jnp.sum(e2 * jnp.exp((_MSE_NORM / 2 - 1) * jnp.log(e2)), axis=1), scale, zero
 
 
 def fit_columns(Wg: jax.Array, spec: GridSpec, *, exhaustive: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -167,23 +172,23 @@ def fit_columns(Wg: jax.Array, spec: GridSpec, *, exhaustive: bool = False) -> t
     >>> s.tolist(), z.tolist() == [1.0, 0.0]
     ([1.3333333730697632, 0.6666666865348816], True)
   """
-  Wg = Wg.astype(jnp.promote_types(Wg.dtype, jnp.float32))
-  xmin = jnp.minimum(Wg.min(axis=0), 0.0)
-  xmax = jnp.maximum(Wg.max(axis=0), 0.0)
+  WgT = Wg.astype(jnp.promote_types(Wg.dtype, jnp.float32)).T  # (d_out, rows): reductions over the minor axis
+  xmin = jnp.minimum(WgT.min(axis=1), 0.0)
+  xmax = jnp.maximum(WgT.max(axis=1), 0.0)
   if not spec.mse:
     return _minmax_params(xmin, xmax, spec, spec.shrink)
   n = int(_MSE_MAXSHRINK * _MSE_GRID)  # candidates i = 0..n−1, p = 1 − i/_MSE_GRID
 
   def candidate(best, i):  # i: (d_out,) candidate index per column, as float; ties keep the earlier (larger) p
-    err, scale, zero = _clip_score(Wg, 1.0 - i / _MSE_GRID, xmin, xmax, spec)
+    err, scale, zero = _clip_score(WgT, 1.0 - i / _MSE_GRID, xmin, xmax, spec)
     better = err < best[0]
     return tuple(jnp.where(better, new, old) for new, old in zip((err, scale, zero, i), best)), None
 
-  d_out = Wg.shape[1]
-  init = (jnp.full(d_out, jnp.inf, Wg.dtype),) + _minmax_params(xmin, xmax, spec, 1.0) + (jnp.zeros(d_out, Wg.dtype),)
+  d_out, dtype = WgT.shape[0], WgT.dtype
+  init = (jnp.full(d_out, jnp.inf, dtype),) + _minmax_params(xmin, xmax, spec, 1.0) + (jnp.zeros(d_out, dtype),)
   stride = 1 if exhaustive else _MSE_STRIDE
-  coarse = jnp.arange(0, n, stride, dtype=Wg.dtype)
-  best, _ = lax.scan(lambda c, i: candidate(c, jnp.full(d_out, i, Wg.dtype)), init, coarse)
+  coarse = jnp.arange(0, n, stride, dtype=dtype)
+  best, _ = lax.scan(lambda c, i: candidate(c, jnp.full(d_out, i, dtype)), init, coarse)
   if stride > 1:  # the stride − 1 neighbours on each side of each column's coarse best (cover every candidate)
     center = best[3]
 
@@ -193,7 +198,7 @@ def fit_columns(Wg: jax.Array, spec: GridSpec, *, exhaustive: bool = False) -> t
       inside = (i >= 0) & (i <= n - 1)
       return tuple(jnp.where(inside, a, b) for a, b in zip(new, c)), None
 
-    offsets = jnp.array([o for o in range(-(stride - 1), stride) if o], Wg.dtype)
+    offsets = jnp.array([o for o in range(-(stride - 1), stride) if o], dtype)
     best, _ = lax.scan(fine, best, offsets)
   return best[1], best[2]
 
