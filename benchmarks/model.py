@@ -66,9 +66,12 @@ def parse_args(argv=None):
                  "same through its propagate_error (True / False)")
   p.add_argument("--diagnostics", default=None,
                  help="our --diagnostics VALUE, passed on as given (default: not passed, the command's default)")
-  p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
-                 help="our --act-order (rows by decreasing H_ii, group grids fitted up front: the peer's "
-                 "actorder=static); the command's default is off")
+  p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                 help="our --act-order / --no-act-order (rows by decreasing H_ii, group grids fitted up front: the "
+                 "peer's actorder=static); default: not passed, the command's default (on since 2026-12-03)")
+  p.add_argument("--fast", action="store_true",
+                 help="our --fast preset (no clip search, no act-order; --act-order beside it wins): the peer's "
+                 "algorithm is min-max grids + act-order, so --fast --act-order is the like-for-like pairing")
   p.add_argument("--batch-size", type=int, default=8, help="our --batch-size (windows per forward; its default)")
   p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                  help="also run llm-compressor (skipped with a message when it is not importable)")
@@ -174,7 +177,7 @@ def ours_command(a, folder, out, calib):
          "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib", str(calib), "--seed", "0",
          "--batch-size", str(a.batch_size), "--protocol", a.protocol]
   return cmd + ([] if a.diagnostics is None else ["--diagnostics", a.diagnostics]) + (
-      ["--act-order"] if a.act_order else [])
+      ["--fast"] if a.fast else []) + ([] if a.act_order is None else ["--act-order" if a.act_order else "--no-act-order"])
 
 
 def peer_available():
@@ -430,7 +433,7 @@ def main(argv=None):
       "group_size": GROUP_SIZE, "symmetric": True,
       "ours_compile_cache": a.compile_cache, "ours_compile_cache_entries_before": cache_entries,
       "ours_cmd": " ".join(["gilora"] + cmd[3:]), "ours_batch_size": a.batch_size, "ours_diagnostics": a.diagnostics,
-      "ours_act_order": a.act_order,
+      "ours_act_order": a.act_order, "ours_fast": a.fast,
       "ours_layer_config": records[0].get("config") if records else None,  # as the command resolved it
       "ours_wall_s": ours_s, "ours_peak_rss_gb": ours_rss, "ours_quantize_s": summary.get("seconds"),
       "ours_layer_solve_s": sum(r["seconds"] for r in records),
