@@ -371,6 +371,29 @@ def builtin_folders() -> tuple[str | None, str | None]:
   return found[0], found[1]
 
 
+def comparison_setup(folder: str, model, *, nsamples: int = BUILTIN["nsamples"], seqlen: int = BUILTIN["seqlen"],
+                     eval_seqlen: int = BUILTIN["eval_seqlen"], vit_nsamples: int = BUILTIN["vit_nsamples"],
+                     seed: int = 0, batch_size: int = 8) -> tuple[list, Callable[[Any], dict], str]:
+  """(calibration batches, score(model) -> dict, metric name) of the comparison protocol for the model in `folder`
+  (`builtin_comparison`'s docstring): an LM's calib.txt windows and eval.txt perplexity, a classifier's .npz
+  calib split and test-split top-1. Shared with experiments/paper_tables.py."""
+  if is_lm(model):
+    tok = data.load_tokenizer(folder)
+    calib = data.lm_calibration(tok, data.load_text(os.path.join(folder, "calib.txt")), nsamples, seqlen,
+                                batch_size, seed)
+    ids = data.tokenize(tok, data.load_text(os.path.join(folder, "eval.txt")))
+
+    def score(m):
+      r = evaluate.perplexity(m, ids, eval_seqlen, batch_size)
+      return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
+    return calib, score, "perplexity"
+  npz = data.default_calib(folder, lm=False)
+  images, _ = data.load_images(npz, split="calib")
+  calib = data.vision_calibration(folder, images, min(vit_nsamples, len(images)), 64, seed)
+  test_images, labels = data.load_images(npz)
+  return calib, lambda m: evaluate.top1(m, test_images, labels, folder), "top1"
+
+
 def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, config: QuantConfig | None = None,
                        nsamples: int = BUILTIN["nsamples"], seqlen: int = BUILTIN["seqlen"],
                        eval_seqlen: int = BUILTIN["eval_seqlen"], vit_nsamples: int = BUILTIN["vit_nsamples"],
@@ -388,24 +411,9 @@ def builtin_comparison(lm_folder: str | None, vit_folder: str | None, *, config:
   for folder in (f for f in (lm_folder, vit_folder) if f is not None):
     model = load_model(folder)
     lm = is_lm(model)
-    if lm:
-      tok = data.load_tokenizer(folder)
-      calib = data.lm_calibration(tok, data.load_text(os.path.join(folder, "calib.txt")), nsamples, seqlen, 8,
-                                  config.layer.seed)
-      ids = data.tokenize(tok, data.load_text(os.path.join(folder, "eval.txt")))
-
-      def score(m):
-        r = evaluate.perplexity(m, ids, eval_seqlen)
-        return {"perplexity": r["perplexity"], "tokens": r["tokens"]}
-    else:
-      npz = data.default_calib(folder, lm=False)
-      images, _ = data.load_images(npz, split="calib")
-      calib = data.vision_calibration(folder, images, min(vit_nsamples, len(images)), 64, config.layer.seed)
-      test_images, labels = data.load_images(npz)
-
-      def score(m):
-        return evaluate.top1(m, test_images, labels, folder)
-    metric = "perplexity" if lm else "top1"
+    calib, score, metric = comparison_setup(folder, model, nsamples=nsamples, seqlen=seqlen,
+                                            eval_seqlen=eval_seqlen, vit_nsamples=vit_nsamples,
+                                            seed=config.layer.seed)
     base = score(model)
     rows.append({"model": os.path.basename(folder), "label": "float", **base, "mean_rel_err": None, "seconds": 0.0})
     layer = config.layer
