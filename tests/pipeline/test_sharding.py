@@ -91,15 +91,19 @@ def test_every_method_on_column_shards_gives_the_single_device_codes(four_device
 
 
 def test_a_whole_model_on_a_mesh_matches_the_single_device_run(four_devices):
-  """Data-parallel Hessians sum the devices' partial XᵀX: a different order of float32 sums than one device. gptq
-  (quantized protocol) and gilora (fp protocol) come out with identical codes here; gilora under the quantized
-  protocol flipped 13 of 28672 packed code bytes that sit on a rounding boundary (its errors agreed to 0.2 %; not
-  rerun in the suite, see sharded_check.MODEL_CASES)."""
+  """Data-parallel Hessians sum the devices' partial XᵀX: a different order of float32 sums than one device, so a
+  code that sits on a rounding boundary may flip, and GPTQ's error feedback carries the flip down its column.
+  Measured (2026-12-03): gptq (quantized protocol) identical on every machine tried; gilora (fp protocol)
+  identical with the host's own OpenBLAS kernels, 18 of 28672 packed code bytes flipped (one layer's error
+  0.11 % apart) with the suite's pinned Haswell kernels on an Intel Xeon; gilora under the quantized protocol
+  flipped 13 bytes (errors 0.2 % apart; not rerun in the suite, see sharded_check.MODEL_CASES). Identity is
+  asserted where the Hessian is the same sum: every layer on column shards (above) and the streamed folder on
+  a model-only mesh (below)."""
   runs = {(r["method"], r["protocol"]): r for r in four_devices["models"]}
   assert set(runs) == {("gptq", "quantized"), ("gilora", "fp")}
   for key, run in runs.items():
-    assert run["differing"] == 0, (key, run)
-    assert run["max_rel_err_diff"] < 1e-5, (key, run)
+    assert run["differing"] <= 1e-3 * run["packed_code_bytes"], (key, run)
+    assert run["max_rel_err_diff"] < (1e-5 if run["differing"] == 0 else 5e-3), (key, run)
   assert four_devices["folder"] == {"differing": 0, "layers": 14}  # streamed by slices, model-parallel
 
 
