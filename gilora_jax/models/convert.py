@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy so safetensors can return bf16 arrays)
 import numpy as np
 from flax import nnx
@@ -335,11 +337,7 @@ class LazyHF:
       if sharding is not None:
         _set(pure, p, _read_sharded(file, key, transform, leaf, sharding(leaf.shape)))
         continue
-      value = _read_chunked(file, key, transform, leaf)
-      # device_put copies once; jnp.asarray makes a second, transient copy (peak 3× the tensor: +2.3 GiB for an
-      # 8B model's bf16 head, measured on CPU)
-      _set(pure, p, jax.device_put(value))
-      del value
+      _set(pure, p, _read_to_device(file, key, transform, leaf))
     nnx.replace_by_pure_dict(state, pure)
     runtime.release_free_memory()  # the host copies just freed (a tuned malloc would keep them resident)
     return nnx.merge(graphdef, state)
@@ -348,28 +346,53 @@ class LazyHF:
 _CHUNK_BYTES = 64 << 20
 
 
-def _read_chunked(file: str, key: str, transform: Transform, leaf: Any) -> np.ndarray:
-  """One tensor in the NNX layout and `leaf`'s dtype, read in row chunks of ~64 MiB straight into its final
-  array, the file mapped anew for each chunk: a mapping's pages count in the process's resident memory until it
-  is closed, and a whole-tensor read plus its transposed copy held three copies of a 1.2 GB head at once."""
+def _chunks(file: str, key: str, transform: Transform, leaf: Any):
+  """Yields `(axis, start, part)`: the tensor in the NNX layout and `leaf`'s dtype as NumPy pieces of ~64 MiB
+  each, to be placed at `start` along `axis` of the result (the whole tensor once, `(0, 0, value)`, when it is
+  small or its layout change needs it whole). The file is mapped anew for each piece: a mapping's pages count in
+  the process's resident memory until it is closed, and a whole-tensor read plus its transposed copy held three
+  copies of a 1.2 GB head at once."""
   with safe_open(file, framework="numpy") as f:
     stored = f.get_slice(key)
     shape = tuple(stored.get_shape())
-    if len(shape) < 2 or (transform is not Transform.NONE and not (transform is Transform.LINEAR
-                                                                   and len(shape) == 2)):
-      return np.asarray(_to_nnx(f.get_tensor(key), transform)).astype(leaf.dtype, copy=False)
-  out = np.empty(tuple(leaf.shape), leaf.dtype)
-  row_bytes = max(1, int(np.prod(shape[1:])) * out.dtype.itemsize)
+    row_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(leaf.dtype).itemsize)
+    whole = (len(shape) < 2 or shape[0] * row_bytes <= _CHUNK_BYTES
+             or (transform is not Transform.NONE and not (transform is Transform.LINEAR and len(shape) == 2)))
+    if whole:
+      yield 0, 0, np.asarray(_to_nnx(f.get_tensor(key), transform)).astype(leaf.dtype, copy=False)
+      return
   step = max(1, _CHUNK_BYTES // row_bytes)
   for r0 in range(0, shape[0], step):
     r1 = min(r0 + step, shape[0])  # safetensors refuses a slice past the end
     with safe_open(file, framework="numpy") as f:
       part = f.get_slice(key)[r0:r1]
-    if transform is Transform.LINEAR:
-      out[:, r0:r1] = part.T
+    if transform is Transform.LINEAR:  # stored (out, in) rows are the kernel's (in, out) columns
+      yield 1, r0, np.ascontiguousarray(part.T).astype(leaf.dtype, copy=False)
     else:
-      out[r0:r1] = part
+      yield 0, r0, np.asarray(part).astype(leaf.dtype, copy=False)
     del part
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _place(out: jax.Array, part: jax.Array, start: jax.Array, axis: int) -> jax.Array:
+  """`out` with `part` written at `start` along `axis`, in place (`out` is donated: no second copy)."""
+  return lax.dynamic_update_slice_in_dim(out, part, start, axis)
+
+
+def _read_to_device(file: str, key: str, transform: Transform, leaf: Any) -> jax.Array:
+  """One tensor on the default device, read piece by piece (`_chunks`) into its final buffer. A NumPy array of
+  the whole tensor handed to `device_put` was a second copy at the peak (CPU has no zero-copy transfer: the
+  0.62 GB embedding of Qwen3-0.6B's shape took the process from 0.2 to 1.4 GiB while loading); here the peak is
+  the result plus two pieces."""
+  pieces = _chunks(file, key, transform, leaf)
+  axis, start, part = next(pieces)
+  if tuple(part.shape) == tuple(leaf.shape):
+    return jax.device_put(part)
+  out = jnp.zeros(tuple(leaf.shape), leaf.dtype)
+  while part is not None:
+    out = _place(out, jax.device_put(part), jnp.int32(start), axis)
+    del part
+    axis, start, part = next(pieces, (0, 0, None))
   return out
 
 

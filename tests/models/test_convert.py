@@ -184,3 +184,21 @@ def test_a_bfloat16_checkpoint_loads_exactly_into_float32(hf_qwen3, torch, tmp_p
   assert model.config.param_dtype == "float32"
   q_ref = bf16.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
   np.testing.assert_array_equal(np.asarray(model.layers[1].self_attn.q_proj.kernel[...]), q_ref.T)
+
+
+@pytest.mark.parametrize("param_dtype", [None, "bfloat16"])
+def test_tensors_read_in_pieces_equal_the_whole_read(lm_folder, monkeypatch, param_dtype):
+  """Large tensors are read in row pieces placed into one device buffer (`convert._read_to_device`); with pieces of
+  a few rows every tensor of the tiny model takes that path, kernels (transposed) and embeddings alike."""
+  whole = nnx.to_pure_dict(nnx.state(convert.load_hf(lm_folder, param_dtype=param_dtype)))
+  monkeypatch.setattr(convert, "_CHUNK_BYTES", 1000)  # 1000 B: 1-7 rows a piece, the last piece shorter
+  placed, place = [], convert._place
+  monkeypatch.setattr(convert, "_place", lambda out, part, start, axis: placed.append(axis) or place(out, part, start,
+                                                                                                      axis))
+  pieces = nnx.to_pure_dict(nnx.state(convert.load_hf(lm_folder, param_dtype=param_dtype)))
+  assert placed.count(0) > 10 and placed.count(1) > 10  # the embedding's rows and the kernels' columns
+  flat_w, flat_p = jax.tree_util.tree_leaves_with_path(whole), jax.tree_util.tree_leaves_with_path(pieces)
+  assert [k for k, _ in flat_w] == [k for k, _ in flat_p]
+  for (k, a), (_, b) in zip(flat_w, flat_p):
+    assert a.dtype == b.dtype and a.shape == b.shape, k
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=str(k))
