@@ -72,7 +72,8 @@ def parse_args(argv=None):
   p.add_argument("--fast", action="store_true",
                  help="our --fast preset (no clip search, no act-order; --act-order beside it wins): the peer's "
                  "algorithm is min-max grids + act-order, so --fast --act-order is the like-for-like pairing")
-  p.add_argument("--batch-size", type=int, default=8, help="our --batch-size (windows per forward; its default)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="our --batch-size (windows per forward); default: not passed, the command's (1024 tokens)")
   p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                  help="also run llm-compressor (skipped with a message when it is not importable)")
   p.add_argument("--peer-batch-size", type=int, default=1, help="oneshot's batch_size (its default: 1)")
@@ -175,7 +176,7 @@ def ours_command(a, folder, out, calib):
          "--method", a.method, "--bits", str(BITS), "--group-size", str(GROUP_SIZE), "--symmetric",
          "--rank", str(a.rank), "--loops", str(a.loops),
          "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--calib", str(calib), "--seed", "0",
-         "--batch-size", str(a.batch_size), "--protocol", a.protocol]
+         "--protocol", a.protocol] + ([] if a.batch_size is None else ["--batch-size", str(a.batch_size)])
   return cmd + ([] if a.diagnostics is None else ["--diagnostics", a.diagnostics]) + (
       ["--fast"] if a.fast else []) + ([] if a.act_order is None else ["--act-order" if a.act_order else "--no-act-order"])
 
@@ -418,7 +419,7 @@ def main(argv=None):
   rate1 = _layer.matmul_rate(a.matmul_d, a.reps)
   rate = max(rate0, rate1)
   log(f"float32 matmul again: {rate1 / 1e9:.1f} Gflop/s; per-layer errors on the held-apart windows")
-  rows = layer_errors(folder, ours_out, peer["out"] if peer else None, eval_ids, a.batch_size)
+  rows = layer_errors(folder, ours_out, peer["out"] if peer else None, eval_ids, a.batch_size or 8)
   ours_mean = float(np.mean([r["ours"] for r in rows]))
   peer_mean = float(np.mean([r["peer"] for r in rows])) if peer else None
 

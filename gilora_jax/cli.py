@@ -154,7 +154,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
   with logging_redirect_tqdm(loggers=[logging.getLogger()]):  # log lines above the bar, not through it
     summary = run.quantize_folder(a.model, a.out, config=cfg, calib=a.calib,
                                   nsamples=128 if a.nsamples is None else a.nsamples, seqlen=a.seqlen,
-                                  batch_size=8 if a.batch_size is None else a.batch_size, seed=cfg.layer.seed,
+                                  batch_size=a.batch_size, seed=cfg.layer.seed,
                                   overwrite=a.overwrite, verify=a.verify is not False, progress=run.progress_bar,
                                   mesh=mesh, offload=a.offload_activations)
   print(json.dumps(summary))
@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                  f"comparison: {BUILTIN['nsamples']} windows, {BUILTIN['vit_nsamples']} images)")
   p.add_argument("--seqlen", type=int, default=BUILTIN["seqlen"], help="calibration window in tokens (default "
                  "%(default)s)")
-  p.add_argument("--batch-size", type=int, help="calibration windows or images per forward pass (default 8)")
+  p.add_argument("--batch-size", type=int, help="calibration windows or images per forward pass (default: 1024 "
+                 "tokens' worth of windows, at least 1; 8 images)")
   p.add_argument("--protocol", choices=config_lib.PROTOCOLS, default="quantized", help="inputs of block i+1 from the "
                  "quantized block i (GPTQ's protocol) or from the float one (the paper's); default %(default)s")
   p.add_argument("--activations", choices=config_lib.ACTIVATIONS, default="float32", help="dtype of the calibration "

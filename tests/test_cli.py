@@ -304,3 +304,11 @@ def test_fast_preset_turns_off_the_clip_search_and_act_order_and_given_flags_win
   plain = gj.quantize_layer(W, H, mse=False, act_order=False)
   np.testing.assert_array_equal(np.asarray(fast.codes), np.asarray(plain.codes))
   assert not np.array_equal(np.asarray(fast.codes), np.asarray(gj.quantize_layer(W, H).codes))
+
+
+def test_the_default_calibration_batch_is_1024_tokens():
+  from gilora_jax.pipeline import run  # pylint: disable=import-outside-toplevel
+  assert [run.default_batch_size(s, lm=True) for s in (64, 256, 512, 1024, 2048, 5000)] == [16, 4, 2, 1, 1, 1]
+  assert run.default_batch_size(224, lm=False) == 8
+  assert run.default_batch_size(2048, lm=True, data_devices=4) == 4  # a multiple of the mesh's data axis
+  assert run.default_batch_size(256, lm=True, data_devices=3) == 6

@@ -116,6 +116,19 @@ def _check_out(out: str, folder: str, overwrite: bool) -> None:
     raise OptionError("out", out, f"cannot be written: {e}") from None
 
 
+CALIB_TOKENS_PER_FORWARD = 1024  # the default LM micro-batch, in tokens
+
+
+def default_batch_size(seqlen: int, lm: bool, data_devices: int = 1) -> int:
+  """Calibration windows per forward pass when `--batch-size` is not given: 1024 tokens of an LM (at least one
+  window), 8 images of a classifier, rounded up to a multiple of the mesh's data axis. The forward's temporaries
+  (attention scores, the MLP's intermediate) grow with the micro-batch while the Hessians and the speed do not:
+  on Qwen3-0.6B's shape (4 blocks, 32 × 512 tokens, 2-core CPU) 8 windows peaked at 1.97 GiB and 2 at 1.48 GiB,
+  in 75.5 and 70.8 s (benchmarks/README.md)."""
+  b = max(1, CALIB_TOKENS_PER_FORWARD // seqlen) if lm else 8
+  return -(-b // data_devices) * data_devices
+
+
 class _Calibration:
   """The calibration set of a run, read and checked before the weights are loaded."""
 
@@ -143,12 +156,13 @@ class _Calibration:
 
 
 def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, calib: str | None = None,
-                    nsamples: int = 128, seqlen: int = 256, batch_size: int = 8, seed: int = 0,
+                    nsamples: int = 128, seqlen: int = 256, batch_size: int | None = None, seed: int = 0,
                     overwrite: bool = False, verify: bool = True,
                     progress: Callable[[int, int], Callable[[Iterable[int]], Iterable[int]]] | None = None,
                     mesh: Any = None, offload: bool | None = None) -> dict[str, Any]:
   """Quantizes the HF model folder `model` into the checkpoint `out` (module docstring); returns the summary.
 
+  `batch_size`: calibration windows (images) per forward; None: `default_batch_size`'s (1024 tokens of an LM).
   `progress(total, initial)` may return a wrapper of the block iterator (a tqdm bar). `verify=False` skips the
   SHA-256 check of a partial checkpoint being resumed. `mesh`: run on a `jax.sharding.Mesh`
   (`gilora_jax.sharding`); in a multi-host run every process calls this with the same arguments, each reads
@@ -158,19 +172,24 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
   t_start = time.perf_counter()
   at_least("nsamples", nsamples)
   at_least("seqlen", seqlen, why=" (tokens per calibration window)")
-  at_least("batch_size", batch_size)
-  if mesh is not None:  # the batches' rows must divide over "data": told now, not after tokenizing
-    sizes = {batch_size} | ({nsamples % batch_size} if nsamples % batch_size else set())
-    n = mesh.shape["data"]
-    if any(b % n for b in sizes):
-      raise OptionError("batch_size", batch_size, f"with --nsamples {nsamples} gives batches of {sorted(sizes)} rows, "
-                        f"which do not divide over the mesh's data axis of {n} devices; pass --nsamples and "
-                        f"{{name}} multiples of {n}, or --mesh data=1,model={mesh.size}.")
-  writer = sharding_lib.is_writer()
+  if batch_size is not None:
+    at_least("batch_size", batch_size)
   folder = convert.local_folder(model)
   if ckpt.looks_like_checkpoint(folder):
     raise ValueError(f"{folder} is a gilora checkpoint; quantize the float HF model folder it came from.")
   abstract = convert.abstract_hf(folder)
+  lm = is_lm(abstract)
+  given = batch_size is not None
+  batch_size = batch_size if given else default_batch_size(seqlen, lm, 1 if mesh is None else mesh.shape["data"])
+  if mesh is not None:  # the batches' rows must divide over "data": told now, not after tokenizing
+    sizes = {batch_size} | ({nsamples % batch_size} if nsamples % batch_size else set())
+    n = mesh.shape["data"]
+    if any(b % n for b in sizes):
+      raise OptionError("batch_size", batch_size, f"{'' if given else '(the default) '}with --nsamples {nsamples} "
+                        f"gives batches of {sorted(sizes)} rows, which do not divide over the mesh's data axis of "
+                        f"{n} devices; pass --nsamples and {{name}} multiples of {n}, or --mesh data=1,model="
+                        f"{mesh.size}.")
+  writer = sharding_lib.is_writer()
   apply.check_config(abstract, config)
   out = os.path.abspath(out) if out else default_out(folder, config)
   partial = out + PARTIAL_SUFFIX
@@ -181,7 +200,6 @@ def quantize_folder(model: str, out: str | None = None, *, config: QuantConfig, 
         _clean_temporaries(path)
       _check_out(out, folder, overwrite)  # again under the lock: nothing can have changed it since
     sharding_lib.barrier("checked")
-    lm = is_lm(abstract)
     t = time.perf_counter()
     cal = _Calibration(folder, lm, calib, nsamples, seqlen, batch_size, seed,
                        getattr(abstract.config, "max_position_embeddings", None))
