@@ -4,8 +4,9 @@ Two tables, one command each; both resume (finished rows of workdir/results.json
 command runs again) and write workdir/tables.md, one plot per model (matplotlib) and, with --results_md, the
 same tables into that file between markers of their own (the rest of the file is left as it is).
 
-  # Paper A's layer-wise figure: error against rank {0, 8, 16, 32, 64} at bits {2, 3, 4}, per-channel asymmetric,
-  # on real layers (the float model's inputs on its calib.txt), each method at the paper's settings and at ours
+  # Paper A's layer-wise figure: error against rank {0, 8, 16, 32, 64} at 3 bits and against bits {2, 3, 4} at
+  # rank 32 (--sweep full: every pair), per-channel asymmetric, on real layers (the float model's inputs on its
+  # calib.txt), each method at the paper's settings and at ours
   PYTHONPATH=. python experiments/paper_tables.py --table layers --workdir runs/paper_layers \\
       --models builtin-lm,builtin-deit,runs/smollm2-135m-instruct@10+20
 
@@ -61,6 +62,10 @@ class Args:
   settings: tuple[str, ...] = ("paper", "default")
   bits: tuple[str, ...] = ("2", "3", "4")
   ranks: tuple[str, ...] = ()                 # default: 0,8,16,32,64 (layers), 16,32,64 (models)
+  sweep: str = "cross"                        # cross: every rank at --cross_bits, every bits at --cross_rank;
+                                              #   full: every (bits, rank) pair (4× the rows of the layer table)
+  cross_bits: int = 3
+  cross_rank: int = 32
   group_size: int = 0                         # 0 = per output channel (the papers' protocol)
   nsamples: int = 32                          # LM calibration windows (layers: Hessians; models: the run's)
   seqlen: int = 256
@@ -154,12 +159,29 @@ def layer_inputs(folder: str, blocks, nsamples: int, seqlen: int, vit_nsamples: 
         yield f"layers.{i}.{name}", np.asarray(linear.kernel[...], np.float32), H
 
 
+def plan(a: Args) -> list[tuple[str, str, int, int]]:
+  """The (settings, method, bits, rank) rows of one model (per layer for the layer table)."""
+  default = ("0", "8", "16", "32", "64") if a.table == "layers" else ("16", "32", "64")
+  ranks = [int(r) for r in (a.ranks or default) if int(r) > 0]
+  if a.sweep not in ("cross", "full"):
+    sys.exit(f"--sweep: {a.sweep!r}; choose cross or full")
+  out = []
+  for s in a.settings:
+    for b in (int(b) for b in a.bits):
+      for m in a.methods:
+        if m in RANK_FREE:
+          out.append((s, m, b, 0))
+          continue
+        for r in ranks:
+          if a.sweep == "full" or b == a.cross_bits or r == a.cross_rank:
+            out.append((s, m, b, r))
+  return out
+
+
 def run_layers(a: Args, store: Results) -> None:
   from gilora_jax import quantize_layer  # pylint: disable=import-outside-toplevel
-  ranks = [int(r) for r in (a.ranks or ("0", "8", "16", "32", "64"))]
   for name, folder, blocks in parse_models(a.models):
-    todo = [(s, m, int(b), r) for s in a.settings for b in a.bits for m in a.methods
-            for r in ([0] if m in RANK_FREE else [r for r in ranks if r > 0])]
+    todo = plan(a)
     for path, W, H in layer_inputs(folder, blocks, a.nsamples, a.seqlen, a.vit_nsamples, a.seed):
       for s, m, b, r in todo:
         if r > min(W.shape) or store.done(model=name, layer=path, settings=s, method=m, bits=b, rank=r):
@@ -177,11 +199,8 @@ def run_models(a: Args, store: Results) -> None:
   from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
   from gilora_jax.config import QuantConfig  # pylint: disable=import-outside-toplevel
   from gilora_jax.pipeline import apply, run  # pylint: disable=import-outside-toplevel
-  ranks = [int(r) for r in (a.ranks or ("16", "32", "64"))]
   for name, folder, _ in parse_models(a.models):
-    model = None
-    todo = [(s, m, int(b), r) for s in a.settings for b in a.bits for m in a.methods
-            for r in ([0] if m in RANK_FREE else ranks)]
+    todo = plan(a)
     if all(store.done(model=name, settings=s, method=m, bits=b, rank=r) for s, m, b, r in todo) and store.done(
         model=name, settings=None, method="float", bits=None, rank=None):
       continue
@@ -335,12 +354,17 @@ def main(a: Args) -> str:
   store = Results(a.workdir, keys)
   _builtin.write_json(a.workdir / f"args_{a.table}.json", _builtin.args_dict(a))
   (run_layers if a.table == "layers" else run_models)(a, store)
+  # the tables show this command's rows only (a workdir may hold rows of other bits, ranks or models)
+  wanted, blocks = set(plan(a)), {n: b for n, _, b in parse_models(a.models)}
+  rows = [r for r in store.rows if r["model"] in blocks and (
+      r["method"] == "float" or (r["settings"], r["method"], r["bits"], r["rank"]) in wanted) and (
+          "layer" not in r or blocks[r["model"]] is None or int(r["layer"].split(".")[1]) in blocks[r["model"]])]
   if a.table == "layers":
-    body, series = layer_tables(store.rows)
+    body, series = layer_tables(rows)
     # with --results_md the figures go beside it (results/), so the file's links work in a checkout
     pngs = plot_layers(series, pathlib.Path(a.results_md).parent / "results" if a.results_md else a.workdir)
   else:
-    body, pngs = model_tables(store.rows), []
+    body, pngs = model_tables(rows), []
   (a.workdir / "tables.md").write_text(body + "\n", encoding="utf-8")
   print(body)
   if a.results_md:
