@@ -79,3 +79,14 @@ def test_bad_arguments_exit_with_one_line(pt):
     pt.main(pt.Args(settings=("best",)))
   with pytest.raises(SystemExit, match="is not a model folder"):
     pt.parse_models(["/nonexistent/folder"])
+
+
+def test_the_cross_sweep_varies_rank_at_one_bit_width_and_bits_at_one_rank(pt):
+  rows = pt.plan(pt.Args(methods=("gptq", "gilora"), settings=("paper",), bits=("2", "3", "4")))
+  assert ("paper", "gptq", 2, 0) in rows and ("paper", "gptq", 4, 0) in rows
+  gilora = {(b, r) for _, m, b, r in rows if m == "gilora"}
+  assert gilora == {(3, 8), (3, 16), (3, 32), (3, 64), (2, 32), (4, 32)}
+  full = pt.plan(pt.Args(methods=("gilora",), settings=("paper",), bits=("2", "3"), sweep="full"))
+  assert len(full) == 2 * 4  # every (bits, rank > 0) pair
+  models = pt.plan(pt.Args(table="models", methods=("srr",), settings=("default",), bits=("3",)))
+  assert {r for *_, r in models} == {16, 32, 64}
