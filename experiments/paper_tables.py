@@ -290,35 +290,58 @@ def model_tables(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot_layers(series: dict, folder: pathlib.Path) -> list[pathlib.Path]:
-  """One figure per model (a panel per settings × bits: error / GPTQ's against rank), saved into `folder`."""
+def plot_layers(series: dict, folder: pathlib.Path, rank: int = 32) -> list[pathlib.Path]:
+  """One figure per model, two panels per settings: error / GPTQ's against rank (at each bit width that has more
+  than one rank) and against bits (at `rank`; rtn at rank 0), gilora's Cor. 3.9 bound dashed. Saved in `folder`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+
+  def style(m):
+    if m == "gilora bound":
+      return dict(ls="--", color="k", lw=1)
+    return dict(marker="o", ms=3, color=colors[m])
+
   paths = []
   for model in dict.fromkeys(k[0] for k in series):
-    keys = sorted(k for k in series if k[0] == model)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-      for m, (ks, ys) in series[key].items():
-        if not ks:
-          continue
-        style = dict(ls="--", color="k", lw=1) if m == "gilora bound" else dict(marker="o", ms=3)
-        if len(ks) == 1:  # a rank-free method: a horizontal line across the ranks
-          ax.axhline(ys[0], lw=0.8, ls=":", color="grey" if m == "gptq" else "tab:red", label=m)
-        else:
-          ax.plot(ks, ys, label=m, **style)
+    settings = list(dict.fromkeys(k[1] for k in series if k[0] == model))
+    panels = []
+    for st in settings:
+      keys = sorted(k for k in series if k[:2] == (model, st))
+      panels += [("rank", st, k[2]) for k in keys if max(len(v[0]) for v in series[k].values()) > 1]
+      panels.append(("bits", st, None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (kind, st, bits) in zip(axes[0], panels):
+      if kind == "rank":
+        for m, (ks, ys) in series[(model, st, bits)].items():
+          if m in RANK_FREE:
+            ax.axhline(ys[0], lw=0.8, ls=":", color=colors[m], label=m)
+          elif ks:
+            ax.plot(ks, ys, label=m, **style(m))
+        ax.set_xlabel("rank")
+        ax.set_title(f"{bits}-bit, {st} settings", fontsize=9)
+      else:
+        by_method = {}
+        for key in sorted(k for k in series if k[:2] == (model, st)):
+          for m, (ks, ys) in series[key].items():
+            want = 0 if m in RANK_FREE else rank
+            if want in ks:
+              by_method.setdefault(m, []).append((key[2], ys[ks.index(want)]))
+        for m, pts in by_method.items():
+          ax.plot([b for b, _ in pts], [y for _, y in pts], label=m, **style(m))
+        ax.set_xlabel("bits")
+        ax.set_xticks(sorted({b for pts in by_method.values() for b, _ in pts}))
+        ax.set_title(f"rank {rank}, {st} settings", fontsize=9)
       ax.set_yscale("log")
-      ax.set_title(f"{key[2]}-bit, {key[1]}", fontsize=9)
-      ax.set_xlabel("rank")
       ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("error / GPTQ's (median over layers)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{model}: layer-wise error against rank", fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{model}: layer-wise error against rank and bits", fontsize=10)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"paper_layers_{model}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     paths.append(path)
   return paths
@@ -362,7 +385,8 @@ def main(a: Args) -> str:
   if a.table == "layers":
     body, series = layer_tables(rows)
     # with --results_md the figures go beside it (results/), so the file's links work in a checkout
-    pngs = plot_layers(series, pathlib.Path(a.results_md).parent / "results" if a.results_md else a.workdir)
+    pngs = plot_layers(series, pathlib.Path(a.results_md).parent / "results" if a.results_md else a.workdir,
+                       a.cross_rank)
   else:
     body, pngs = model_tables(rows), []
   (a.workdir / "tables.md").write_text(body + "\n", encoding="utf-8")
