@@ -41,8 +41,8 @@ def test_layer_table_is_the_median_ratio_to_gptq_per_layer(pt):
   text, series = pt.layer_tables(rows)
   # per-layer ratios 0.5, 0.25, 0.9: median 0.5, worst 0.9; bounds / gptq 2, 3, 2: median 2
   assert "| gilora |  | 0.500 (0.900) |" in text
-  assert "| gilora's Cor. 3.9 bound | – | 2.000 |" in text
-  assert "GPTQ's own median rel_err 0.40000" in text
+  assert "| gilora's Cor. 3.9 bound | – | 2.00 |" in text
+  assert "GPTQ's own median rel_err 0.400" in text
   assert series[("m", "paper", 3)]["gilora"] == ([8], [0.5])
   assert series[("m", "paper", 3)]["gilora bound"] == ([8], [2.0])
 
