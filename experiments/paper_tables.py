@@ -179,10 +179,16 @@ def plan(a: Args) -> list[tuple[str, str, int, int]]:
 
 
 def run_layers(a: Args, store: Results) -> None:
-  from gilora_jax import quantize_layer  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from gilora_jax import quantize_layer, runtime  # pylint: disable=import-outside-toplevel
+  # Every (shape, bits, rank, method) compiles its own programs; kept in memory they ran the process out of
+  # memory maps (XLA: "LLVM compilation error: Cannot allocate memory" after ~5000 compilations, vm.max_map_count
+  # 65530). The in-memory caches are dropped after each layer and the persistent cache makes the recompiles loads.
+  runtime.enable_compilation_cache()
   for name, folder, blocks in parse_models(a.models):
     todo = plan(a)
     for path, W, H in layer_inputs(folder, blocks, a.nsamples, a.seqlen, a.vit_nsamples, a.seed):
+      jax.clear_caches()
       for s, m, b, r in todo:
         if r > min(W.shape) or store.done(model=name, layer=path, settings=s, method=m, bits=b, rank=r):
           continue
@@ -239,6 +245,8 @@ def layer_tables(rows: list[dict]) -> tuple[str, dict]:
     by.setdefault((r["model"], r["settings"], r["bits"]), {}).setdefault(r["layer"], {})[(r["method"], r["rank"])] = r
   lines, series = [], {}
   for (model, settings, bits), layers in sorted(by.items()):
+    every = set().union(*(per.keys() for per in layers.values()))  # a layer still running has fewer: left out
+    layers = {name: per for name, per in layers.items() if set(per) == every}
     ranks = sorted({k[1] for per in layers.values() for k in per})
     methods = [m for m in METHODS if any(k[0] == m for per in layers.values() for k in per)]
     cell, bound = {}, {}

@@ -37,8 +37,10 @@ def test_results_resume_skips_finished_rows(pt, tmp_path):
 def test_layer_table_is_the_median_ratio_to_gptq_per_layer(pt):
   rows = [_row("l0", "gptq", 0, 0.2), _row("l0", "gilora", 8, 0.1, bound=0.4),
           _row("l1", "gptq", 0, 0.4), _row("l1", "gilora", 8, 0.1, bound=1.2),
-          _row("l2", "gptq", 0, 1.0), _row("l2", "gilora", 8, 0.9, bound=2.0)]
+          _row("l2", "gptq", 0, 1.0), _row("l2", "gilora", 8, 0.9, bound=2.0),
+          _row("l3", "gptq", 0, 9.0)]  # a layer still running (no gilora row yet): left out of every cell
   text, series = pt.layer_tables(rows)
+  assert "(3 layers;" in text
   # per-layer ratios 0.5, 0.25, 0.9: median 0.5, worst 0.9; bounds / gptq 2, 3, 2: median 2
   assert "| gilora |  | 0.500 (0.900) |" in text
   assert "| gilora's Cor. 3.9 bound | – | 2.00 |" in text
