@@ -49,6 +49,7 @@ METHODS = {  # label -> layer options on top of the settings; rank-free methods 
 }
 RANK_FREE = ("rtn", "gptq")
 SETTINGS = {"paper": None, "default": {}}  # "paper": config.FAST, filled in at import of gilora_jax (main)
+PROTOCOL = ("group_size", "nsamples", "seqlen", "eval_seqlen", "vit_nsamples", "seed")  # fixed per workdir
 MARK = "<!-- paper_tables:{table} (experiments/paper_tables.py writes this section; edits here are replaced) -->"
 END = "<!-- /paper_tables:{table} -->"
 
@@ -384,7 +385,14 @@ def main(a: Args) -> str:
   keys = ("model", "layer", "settings", "method", "bits", "rank") if a.table == "layers" else (
       "model", "settings", "method", "bits", "rank")
   store = Results(a.workdir, keys)
-  _builtin.write_json(a.workdir / f"args_{a.table}.json", _builtin.args_dict(a))
+  args_file = a.workdir / f"args_{a.table}.json"
+  if args_file.exists():  # a row's key does not hold the protocol: a workdir keeps one protocol
+    before = json.loads(args_file.read_text(encoding="utf-8"))
+    changed = [k for k in PROTOCOL if k in before and before[k] != getattr(a, k)]
+    if changed:
+      sys.exit(f"--workdir {a.workdir} holds rows measured with " + ", ".join(f"--{k} {before[k]}" for k in changed)
+               + "; pass those, or another --workdir")
+  _builtin.write_json(args_file, _builtin.args_dict(a))
   (run_layers if a.table == "layers" else run_models)(a, store)
   # the tables show this command's rows only (a workdir may hold rows of other bits, ranks or models)
   wanted, blocks = set(plan(a)), {n: b for n, _, b in parse_models(a.models)}

@@ -92,3 +92,9 @@ def test_the_cross_sweep_varies_rank_at_one_bit_width_and_bits_at_one_rank(pt):
   assert len(full) == 2 * 4  # every (bits, rank > 0) pair
   models = pt.plan(pt.Args(table="models", methods=("srr",), settings=("default",), bits=("3",)))
   assert {r for *_, r in models} == {16, 32, 64}
+
+
+def test_a_workdir_keeps_one_protocol(pt, tmp_path):
+  (tmp_path / "args_models.json").write_text(json.dumps({"nsamples": 32, "seqlen": 256}), encoding="utf-8")
+  with pytest.raises(SystemExit, match="--nsamples 32; pass those, or another --workdir"):
+    pt.main(pt.Args(table="models", models=("builtin-lm",), nsamples=64, workdir=tmp_path))
