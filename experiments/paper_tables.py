@@ -48,7 +48,7 @@ METHODS = {  # label -> layer options on top of the settings; rank-free methods 
     "gilora+3loops": dict(method="gilora", loops=3), "srr": dict(method="srr"),
 }
 RANK_FREE = ("rtn", "gptq")
-SETTINGS = {"paper": None, "default": {}}  # "paper": config.FAST, filled in at import of gilora_jax (main)
+SETTINGS = ("paper", "default")  # paper: gilora_jax.config.FAST; default: the library's defaults
 PROTOCOL = ("group_size", "nsamples", "seqlen", "eval_seqlen", "vit_nsamples", "seed")  # fixed per workdir
 MARK = "<!-- paper_tables:{table} (experiments/paper_tables.py writes this section; edits here are replaced) -->"
 END = "<!-- /paper_tables:{table} -->"
@@ -129,12 +129,15 @@ class Results:
 
 
 def layer_inputs(folder: str, blocks, nsamples: int, seqlen: int, vit_nsamples: int, seed: int):
-  """Yields (layer path, W (d_in, d_out) float32, H float32) for the linears of `blocks` (None: every block of a
-  model of <= 8 blocks, else first, middle and last), H from the float model's inputs on its calibration set."""
+  """Yields (layer path, W (d_in, d_out) float32, site) for the linears of `blocks` (None: every block of a model
+  of <= 8 blocks, else first, middle and last): the site (`hessian.prepare`) of H from the float model's inputs on
+  its calibration set, one per input site, so its checks, factors and eigendecomposition are computed once for
+  every linear reading it and every (method, bits, rank) row, not once per row."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from gilora_jax import load_model  # pylint: disable=import-outside-toplevel
   from gilora_jax.models import deit, llama  # pylint: disable=import-outside-toplevel
   from gilora_jax.pipeline import run  # pylint: disable=import-outside-toplevel
+  from gilora_jax.quant import hessian  # pylint: disable=import-outside-toplevel
   model = load_model(folder)
   n = len(model.layers)
   keep = set(blocks) if blocks else (set(range(n)) if n <= 8 else {0, n // 2, n - 1})
@@ -152,7 +155,7 @@ def layer_inputs(folder: str, blocks, nsamples: int, seqlen: int, vit_nsamples: 
       continue
     for site, t in taps.items():
       t = t.reshape(-1, t.shape[-1]).astype(jnp.float32)
-      H = np.asarray(jnp.matmul(t.T, t, precision="highest"))
+      H = hessian.prepare(jnp.matmul(t.T, t, precision="highest"))
       for name in sites[site]:
         linear = block
         for part in name.split("."):
