@@ -124,7 +124,7 @@ def default_batch_size(seqlen: int, lm: bool, data_devices: int = 1) -> int:
   window), 8 images of a classifier, rounded up to a multiple of the mesh's data axis. The forward's temporaries
   (attention scores, the MLP's intermediate) grow with the micro-batch while the Hessians and the speed do not:
   on Qwen3-0.6B's shape (4 blocks, 32 × 512 tokens, 2-core CPU) 8 windows peaked at 1.97 GiB and 2 at 1.48 GiB,
-  in 75.5 and 70.8 s (benchmarks/README.md)."""
+  in 75.5 and 70.8 s (BENCHMARKS.md, "With today's defaults")."""
   b = max(1, CALIB_TOKENS_PER_FORWARD // seqlen) if lm else 8
   return -(-b // data_devices) * data_devices
 
