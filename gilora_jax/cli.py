@@ -231,6 +231,15 @@ def cmd_export(a: argparse.Namespace) -> int:
   return 0
 
 
+def _finetune_mesh(spec: str | None):
+  """The fine-tune's data-parallel mesh: None on one device with the automatic mesh (the plain program)."""
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if spec in (None, "auto") and jax.device_count() == 1:
+    return None
+  return sharding.make_mesh(spec)
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
   """QPEFT of a `gilora quantize` output: train its L, R (Q frozen) into --out; print a JSON summary line."""
   from gilora_jax.finetune import TrainConfig, train  # pylint: disable=import-outside-toplevel
@@ -260,7 +269,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                                   verify=a.verify, float_model=a.float_model, cfg=cfg, batch_size=a.batch_size,
                                   gamma=a.gamma, seed=a.seed, pattern=a.layers, eval_every=a.eval_every,
                                   ckpt_every=a.ckpt_every, loftq_iters=a.loftq_iters, progress=progress,
-                                  on_step=on_step)
+                                  on_step=on_step, mesh=_finetune_mesh(a.mesh))
   print(json.dumps(summary))
   return 0
 
@@ -305,6 +314,8 @@ def _add_finetune_parser(sub, verify: dict) -> argparse.ArgumentParser:
   p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32", help="forward pass dtype; "
                  "L, R and the optimizer state stay float32 (default %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="data order and the zero init (default %(default)s)")
+  p.add_argument("--mesh", help="device mesh 'data=N' (or auto, the default: every local device on data): each "
+                 "micro-batch split over data, the gradients summed by XLA; --batch-size must be a multiple of N")
   p.add_argument("--eval-every", type=int, default=50, help="held-apart evaluation every N steps (and at 0 and the "
                  "end; default %(default)s)")
   p.add_argument("--ckpt-every", type=int, default=50, help="resumable checkpoint every N steps (default "

@@ -305,10 +305,10 @@ def check_out(out: str, identity: dict) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _evaluate(graphdef, params, rest, held, objective: str, batch_size: int) -> dict:
+def _evaluate(graphdef, params, rest, held, objective: str, batch_size: int, mesh=None) -> dict:
   total, aux, n = 0.0, 0.0, _rows(held)
   for i in range(0, n, batch_size):
-    b = _placed(_take(held, np.arange(i, min(i + batch_size, n))))
+    b = _batch(_take(held, np.arange(i, min(i + batch_size, n))), mesh)
     loss, a = core.eval_step(graphdef, params, rest, b, objective=objective)
     total, aux = total + float(loss), aux + float(a)
   loss = total / n
@@ -317,11 +317,39 @@ def _evaluate(graphdef, params, rest, held, objective: str, batch_size: int) -> 
   return {"eval_loss": loss, "eval_accuracy": aux / n}
 
 
-def _placed(tree):
-  """`tree` committed to the first local device: the placement the step's outputs have, so that every call of the
-  jitted step sees the same argument shardings and it compiles once (uncommitted inputs would compile a second
-  program for the committed outputs)."""
-  return jax.device_put(tree, jax.local_devices()[0])
+def _placed(tree, mesh=None):
+  """`tree` committed to the first local device (no mesh), or replicated on every device of `mesh`: the placement
+  the step's outputs have, so that every call of the jitted step sees the same argument shardings and it compiles
+  once (uncommitted inputs would compile a second program for the committed outputs)."""
+  if mesh is None:
+    return jax.device_put(tree, jax.local_devices()[0])
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(lambda x: sharding.place(x, sharding.replicated(mesh)), tree)
+
+
+def _batch(tree, mesh=None):
+  """A batch of examples: on the first local device (no mesh), or its rows split over `mesh`'s ``data`` axis (a
+  held-apart remainder that does not divide is replicated instead: evaluated whole on every device)."""
+  if mesh is None:
+    return _placed(tree)
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
+  rows = _rows(tree)
+  if rows % mesh.shape["data"]:
+    return _placed(tree, mesh)
+  return jax.tree.map(lambda x: sharding.place(x, sharding.batch(mesh, np.shape(x))), tree)
+
+
+def check_mesh(mesh, batch_size: int) -> None:
+  """A fine-tune runs data-parallel on `mesh`: its micro-batch must divide over ``data`` (else `MeshError`, before
+  any work), and it runs in one process (the checkpoints are written from this process's whole arrays)."""
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    raise sharding.MeshError(f"gilora finetune runs in one process ({jax.process_count()} joined): on one host, "
+                             f"every local device is on the mesh's data axis; drop --coordinator/--num-processes.")
+  n = mesh.shape["data"]
+  if batch_size % n:
+    raise sharding.MeshError(f"--batch-size {batch_size} does not divide over the mesh's data axis of {n} devices: "
+                             f"pass a multiple of {n} (the step's batch is split over data), or --mesh data=1.")
 
 
 def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = TrainConfig(), batch_size: int = 8,
@@ -329,7 +357,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
              eval_batch_size: int | None = None, ckpt_every: int = 0, out: str | None = None,
              records: list[dict] | None = None, float_model: nnx.Module | None = None, loftq_iters: int = 1,
              source: str | None = None, progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
-             on_step: Callable[[dict], None] | None = None) -> FinetuneResult:
+             on_step: Callable[[dict], None] | None = None, mesh: Any = None) -> FinetuneResult:
   """Fine-tunes L and R of `model`'s `QuantizedLinear`s (all, or those whose path matches the regex `pattern`) on
   `data` from the initialisation `init`; returns a new model (the input is left untouched).
 
@@ -345,6 +373,10 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
     out: a folder for checkpoints and curves (module docstring); a run found there resumes.
     source: names the model in the run's identity (the checkpoint folder's checksum for `finetune_folder`).
     on_step: called with every curve row as it is made.
+    mesh: a `sharding.make_mesh` mesh: data-parallel training, each micro-batch's rows split over its ``data``
+      axis (`batch_size` a multiple of it), the factors, optimizer state and frozen base replicated; XLA sums the
+      devices' gradients. The same numbers as one device up to the order of that sum (a run may resume on
+      another mesh). None: the first local device.
 
   Raises:
     ValueError: no low-rank factors to train (rank 0, or `pattern` matches none), an init the checkpoint cannot
@@ -356,6 +388,8 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
                      f"loftq_iters={loftq_iters} ≥ 1.")
   if data.objective not in core.OBJECTIVES:
     raise ValueError(f"objective {data.objective!r} must be one of {core.OBJECTIVES}.")
+  if mesh is not None:
+    check_mesh(mesh, batch_size)
   paths = core.factor_paths(model, pattern)
   if not paths:
     n_q = sum(isinstance(m, nn.QuantizedLinear) for _, m in nnx.iter_modules(model))
@@ -377,10 +411,10 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
   graphdef, params, rest = core.split(compute, paths)
   # One placement for every array (orbax-restored ones differ from jit outputs), so the step compiles once.
   # The step donates the factors' buffers: train on copies, never on the arrays the caller's model shares.
-  params, rest = _placed(jax.tree.map(lambda x: jnp.array(x, copy=True), params)), _placed(rest)
-  hyper = _placed(core.hyperparams(cfg))
-  opt_state = _placed(core.optimizer(hyper, cfg.accum).init(params))
-  mult = _placed(core.preserved_multipliers(params, ks, gamma))
+  params, rest = _placed(jax.tree.map(lambda x: jnp.array(x, copy=True), params), mesh), _placed(rest, mesh)
+  hyper = _placed(core.hyperparams(cfg), mesh)
+  opt_state = _placed(core.optimizer(hyper, cfg.accum).init(params), mesh)
+  mult = _placed(core.preserved_multipliers(params, ks, gamma), mesh)
   start, curves, seconds0, resumed = 0, [], 0.0, None
   fix = "" if out is None else f"delete {out} to start over."
   if out is not None:
@@ -389,7 +423,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       steps = _our_steps(out)
       if steps:
         params, opt_state, info = _restore(out, steps[-1], params, opt_state, fix)
-        params, opt_state = _placed(params), _placed(opt_state)
+        params, opt_state = _placed(params, mesh), _placed(opt_state, mesh)
         if {k: int(v) for k, v in info.get("ks", {}).items()} != ks:
           raise ValueError(f"{out}: the checkpoint's SRR split k differs from this checkpoint's records; {fix}")
         start, seconds0, resumed = int(info["step"]), float(info.get("seconds", 0.0)), int(info["step"])
@@ -411,7 +445,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
 
   if start == 0:
     emit({"step": 0, "seconds": round(time.perf_counter() - t0, 3),
-          **_evaluate(graphdef, params, rest, data.held, data.objective, held_bs)})
+          **_evaluate(graphdef, params, rest, data.held, data.objective, held_bs, mesh)})
   last_good = start
   steps = range(start + 1, cfg.steps + 1)
   try:
@@ -419,7 +453,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
       losses = []
       for micro in range(cfg.accum):
         position = ((step - 1) * cfg.accum + micro) * batch_size
-        b = _placed(_take(data.train, batch_indices(n_train, batch_size, seed, position)))
+        b = _batch(_take(data.train, batch_indices(n_train, batch_size, seed, position)), mesh)
         params, opt_state, loss = core.train_step(graphdef, params, rest, opt_state, mult, b, hyper,
                                                   accum=cfg.accum, objective=data.objective)
         losses.append(loss)
@@ -432,7 +466,7 @@ def finetune(model: nnx.Module, data: Data, *, init: str, cfg: TrainConfig = Tra
                             f"Lower --lr, lengthen --warmup or clip harder (--clip).")
       row = {"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
       if step == cfg.steps or (eval_every and step % eval_every == 0):
-        row.update(_evaluate(graphdef, params, rest, data.held, data.objective, held_bs))
+        row.update(_evaluate(graphdef, params, rest, data.held, data.objective, held_bs, mesh))
       emit(row)
       if out is not None and (step == cfg.steps or (ckpt_every and step % ckpt_every == 0)):
         _save(out, step, params, opt_state, {"step": step, "position": step * cfg.accum * batch_size,

@@ -104,12 +104,48 @@ def folder(lm_folder):
   return {"differing": sum(int((ca[k] != cb[k]).sum()) for k in ca), "layers": len(ca)}
 
 
+def finetunes():
+  """QPEFT data-parallel on data=4 against one device: the curves, the trained factors, the frozen base."""
+  from gilora_jax.finetune import TrainConfig, finetune, train  # pylint: disable=import-outside-toplevel
+  lm = random_model(qwen3.Qwen3, qwen3.ModelConfig(**LM_CONFIG), seed=3)
+  ids = np.random.default_rng(5).integers(0, LM_CONFIG["vocab_size"], size=(8, 24)).astype(np.int32)
+  q = apply.quantize_model(lm, calib.batches(ids, 4), method="gptq+olrc", bits=3, rank=4)
+  records = [r._asdict() for r in q.records]
+  data = train.lm_data(np.random.default_rng(0).integers(0, LM_CONFIG["vocab_size"], 1500).astype(np.int32), 16)
+  kw = dict(init="olrc", cfg=TrainConfig(steps=4, warmup=1, lr=1e-2), batch_size=4, records=records, eval_every=2,
+            eval_batch_size=5)  # the held-apart windows in batches of 5: replicated (5 rows do not divide over 4)
+  one = finetune(q.model, data, **kw)
+  many = finetune(q.model, data, mesh=sharding.make_mesh("data=4"), **kw)
+  flat = lambda m: {".".join(str(getattr(p, "key", p)) for p in k): np.asarray(v) for k, v in  # noqa: E731
+                    jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(m)))[0]}
+  a, b = flat(one.model), flat(many.model)
+  factors = [k for k in a if k.endswith((".L", ".R"))]
+  rel = lambda x, y: abs(x - y) / max(abs(x), 1e-30)  # noqa: E731
+  curve_diff = max(rel(r[k], s[k]) for r, s in zip(one.curves, many.curves) for k in r
+                   if k not in ("step", "seconds", "lr"))
+  try:
+    finetune(q.model, data, mesh=sharding.make_mesh("data=4"), **{**kw, "batch_size": 6})
+    bad = None
+  except sharding.MeshError as e:
+    bad = str(e)
+  return {"steps": [[r["step"] for r in one.curves], [r["step"] for r in many.curves]],
+          "max_rel_curve_diff": curve_diff, "factors": len(factors),
+          "max_factor_diff": max(float(np.abs(a[k] - b[k]).max()) for k in factors),
+          "factors_moved": sum(not np.array_equal(a[k], flat(q.model)[k]) for k in factors),
+          "frozen_identical": all(np.array_equal(a[k], b[k]) for k in a if k not in factors),
+          "factors_sharding_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(
+              nnx.state(many.model)) if isinstance(x, jax.Array)),
+          "batch_split": train._batch(data.train[:4], sharding.make_mesh(  # pylint: disable=protected-access
+              "data=4")).sharding.spec == sharding.batch(sharding.make_mesh("data=4"), (4, 16)).spec,
+          "bad_batch": bad}
+
+
 def main():
   assert jax.device_count() == 4, jax.devices()
   mesh = sharding.make_mesh("data=2,model=2")
   model_runs, bad_batch = models()
   print(json.dumps({"layers": layers(mesh), "models": model_runs, "bad_batch": bad_batch,
-                    "folder": folder(sys.argv[1])}))
+                    "folder": folder(sys.argv[1]), "finetune": finetunes()}))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ def test_the_cli_refuses_a_mesh_the_devices_or_batches_do_not_fit(lm_folder, tmp
   assert cli.main(["quantize", "--model", lm_folder, "--out", str(tmp_path / "o"), "--mesh", "data=2"]) == 2
   assert "needs 2 devices; this run has 1" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "o")
+  assert cli.main(["finetune", str(tmp_path / "q"), "--text", "t.txt", "--init", "zero", "--out",
+                   str(tmp_path / "f"), "--mesh", "data=2"]) == 2
+  assert "needs 2 devices; this run has 1" in capsys.readouterr().err.strip().splitlines()[-1]
+  assert not os.path.exists(tmp_path / "f")
 
 
 # ------------------------------------------------------------------------------------------------ 4 devices
@@ -110,3 +114,15 @@ def test_a_whole_model_on_a_mesh_matches_the_single_device_run(four_devices):
 def test_a_batch_that_does_not_divide_over_data_is_refused_before_any_work(four_devices):
   assert four_devices["bad_batch"].startswith("calibration batch 0 has 3 rows, which do not divide over the "
                                               "mesh's data axis of 2 devices: pass --nsamples and --batch-size")
+
+
+def test_a_finetune_runs_data_parallel_to_the_single_device_curve(four_devices):
+  """QPEFT on data=4 (each micro-batch's rows split over 4 devices, the gradients summed by XLA) against one
+  device: the same curve and factors up to float32 summation order; the frozen base bit for bit; a batch that
+  does not divide is refused before any work."""
+  ft = four_devices["finetune"]
+  assert ft["steps"] == [[0, 1, 2, 3, 4]] * 2 and ft["batch_split"] is True
+  assert ft["max_rel_curve_diff"] < 1e-5 and ft["max_factor_diff"] < 1e-5, ft
+  assert ft["factors"] == ft["factors_moved"] == 28 and ft["frozen_identical"] and ft["factors_sharding_replicated"]
+  assert ft["bad_batch"].startswith("--batch-size 6 does not divide over the mesh's data axis of 4 devices: pass a "
+                                    "multiple of 4")
