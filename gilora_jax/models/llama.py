@@ -505,12 +505,19 @@ class Attention(nnx.Module):
       # iff i - window < j (on top of the causal mask).
       q_idx = jnp.arange(t)[:, None] + slot  # (T, 1)
       mask = mask & (jnp.arange(key.shape[1])[None, :] > q_idx - self.sliding_window)[None]  # (B, T, S)
-    # Query head j reads kv head j // G (HF repeat_kv), so split N as (K, G).
-    q = q.reshape(b, t, k, n // k, hd)  # (B, T, N, H) -> (B, T, K, G, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key) * jnp.asarray(hd ** -0.5, x.dtype)
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    o_in = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n * hd)  # (B, T, K, G, H) -> (B, T, N*H)
+    # Query head j reads kv head j // G (HF repeat_kv), so split N as (K, G). The products run as one plain
+    # batched GEMM per (B, K) with the G query heads stacked on T (M = G*T rows, contiguous operands): on
+    # XLA:CPU that is ~1.3x faster than the same contraction with (T, K, G) left interleaved.
+    g = n // k
+    s = key.shape[1]
+    q = q.reshape(b, t, k, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, hd)  # (B, K, G*T, H)
+    key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", q, key) * jnp.asarray(hd ** -0.5, x.dtype)
+    scores = jnp.where(mask[:, None, None], scores.reshape(b, k, g, t, s).astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)  # (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, k, g * t, s)
+    o_in = jnp.einsum("BKQS,BKSH->BKQH", probs, value).reshape(b, k, g, t, hd)
+    o_in = o_in.transpose(0, 3, 1, 2, 4).reshape(b, t, n * hd)  # (B, K, G, T, H) -> (B, T, N*H)
     return self.o_proj(o_in), o_in, cache
 
 
