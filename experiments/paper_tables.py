@@ -360,6 +360,12 @@ def plot_layers(series: dict, folder: pathlib.Path, rank: int = 32) -> list[path
   return paths
 
 
+def section(table: str, models) -> str:
+  """The RESULTS.md section a table of these models owns: one per (table kind, models), so a SmolLM2 model table
+  and the built-ins' are spliced side by side instead of replacing each other."""
+  return f"{table} {'+'.join(models)}"
+
+
 def splice(md_path: str, table: str, body: str) -> None:
   """Replaces (or appends) this table's marked section of `md_path`, atomically; the rest stays as it is."""
   path = pathlib.Path(md_path)
@@ -413,7 +419,8 @@ def main(a: Args) -> str:
   print(body)
   if a.results_md:
     rel = [os.path.relpath(p, os.path.dirname(os.path.abspath(a.results_md))) for p in pngs]
-    splice(a.results_md, a.table, body + "".join(f"\n\n![{pathlib.Path(p).stem}]({p})" for p in rel))
+    splice(a.results_md, section(a.table, [n for n, _, _ in parse_models(a.models)]),
+           body + "".join(f"\n\n![{pathlib.Path(p).stem}]({p})" for p in rel))
   return body
 
 

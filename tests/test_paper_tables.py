@@ -69,8 +69,12 @@ def test_splice_replaces_only_its_own_section(pt, tmp_path):
   md.write_text(md.read_text() + "\nkept below\n", encoding="utf-8")
   pt.splice(str(md), "layers", "second")
   pt.splice(str(md), "models", "other")
+  pt.splice(str(md), pt.section("models", ["builtin-lm", "builtin-deit"]), "built-ins")
+  pt.splice(str(md), pt.section("models", ["smollm2-135m-instruct"]), "smollm2")
+  pt.splice(str(md), pt.section("models", ["builtin-lm", "builtin-deit"]), "built-ins again")
   text = md.read_text()
   assert "first" not in text and text.count("second") == 1 and "other" in text
+  assert "smollm2" in text and "built-ins again" in text and "built-ins\n" not in text
   assert text.startswith("# Results\n\nkept above\n") and "kept below" in text
 
 
