@@ -227,7 +227,8 @@ def cmd_export(a: argparse.Namespace) -> int:
   """Write a quantized model (a `gilora quantize` output) as a ct/gptq/dense folder; print a JSON line."""
   from gilora_jax import export  # pylint: disable=import-outside-toplevel
   print(json.dumps(export.export(a.model, a.to, format=a.format, adapter=a.adapter, merge_adapter=a.merge_adapter,
-                                 gptq_format=a.gptq_format, dtype=a.dtype, check=a.check, verify=a.verify)))
+                                 gptq_format=a.gptq_format, dtype=a.dtype, check=a.check, verify=a.verify,
+                                 gptq_python=a.gptq_python)))
   return 0
 
 
@@ -339,6 +340,9 @@ def _add_export_parser(sub, verify: dict) -> argparse.ArgumentParser:
                  "its default)")
   p.add_argument("--gptq-format", choices=("v1", "v2"), help="GPTQ zero points: v1 (stored z - 1) or v2 (stored z); "
                  "default v1 for symmetric grids, v2 for asymmetric (v1 refuses a zero of 0)")
+  p.add_argument("--gptq-python", metavar="PYTHON", help="gptq: also reload the folder with transformers + optimum + "
+                 "gptqmodel run by this interpreter, of a separate environment (they need a newer torch than ours; "
+                 "README), and compare logits; default $GILORA_GPTQ_PYTHON, else the decode alone")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="float dtype of the folder (default the "
                  "checkpoint's; gptq is always float16)")
   p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="decode every written tensor "

@@ -116,7 +116,7 @@ def _check_destination(to: str, folder: str | None) -> str:
 def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pylint: disable=redefined-builtin
            adapter: bool | None = None, merge_adapter: bool | None = None, gptq_format: str | None = None,
            dtype: str | None = None, check: bool = True, verify: bool = True,
-           max_shard_bytes: int | None = 5 * 2**30) -> dict[str, Any]:
+           max_shard_bytes: int | None = 5 * 2**30, gptq_python: str | None = None) -> dict[str, Any]:
   """Writes a quantized model as a folder transformers/vLLM/GPTQModel/PEFT load; returns a summary dict.
 
   Args:
@@ -130,6 +130,10 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
     check: decode everything written and (ct, dense) reload it with transformers + peft (module docstring).
     verify: check a gilora checkpoint's SHA-256 manifest before reading it.
     max_shard_bytes: safetensors shard size.
+    gptq_python: for format "gptq" with `check`: the python of a separate environment with optimum + gptqmodel
+      (their releases need a newer torch than this one's pin), which then reloads the folder with transformers
+      and compares logits (`check.gptq_reload`); default the ``GILORA_GPTQ_PYTHON`` environment variable, and
+      without either the GPTQ check is the decode alone.
   """
   # Everything that can be refused from the arguments, the destination and the source's metadata is refused
   # before the source's weights are read.
@@ -139,6 +143,10 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
   dtype = _check_dtype(format, dtype)
   if format == "gptq":
     formats.check_gptq_format(gptq_format)
+  gptq_python = gptq_python or (os.environ.get(check_lib.GPTQ_PYTHON_ENV) or None if format == "gptq" else None)
+  if gptq_python and check and format == "gptq" and shutil.which(gptq_python) is None:
+    raise ValueError(f"--gptq-python {gptq_python}: no such interpreter; pass the python of an environment with "
+                     f"gptqmodel + optimum ({check_lib.GPTQ_ENV_HINT}), or leave it out for the decode-only check.")
   if check and format != "gptq":
     missing = check_lib.missing_reload_packages()
     if missing:
@@ -217,6 +225,11 @@ def export(model_or_folder, to: str | os.PathLike, *, format: str = "ct",  # pyl
       if format != "gptq":
         checked.append(check_lib.reload(tmp, format, model, sites, dtype, lowrank, tensors if format == "dense"
                                         else None))
+      elif gptq_python:
+        checked.append(check_lib.gptq_reload(tmp, model, sites, dtype, lowrank, gptq_python))
+      else:
+        log.info("the GPTQ folder was decoded, not reloaded: pass --gptq-python (or set %s) to the python of an "
+                 "environment with gptqmodel + optimum to reload it with transformers", check_lib.GPTQ_PYTHON_ENV)
     _fsync_tree(tmp)  # the folder's content is on disk before its name says it is finished
     if os.path.isdir(final):
       os.rmdir(final)  # empty (checked above)

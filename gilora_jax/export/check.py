@@ -7,13 +7,15 @@
    plain torch), `peft` applies the adapter, and the logits on a few inputs are compared with our JAX model holding
    the values the folder holds (`reference`), also in float32: what is left is float32 round-off, so the tolerance
    is 1e-4 of the logits' scale. The message also states how far the 16-bit rounding moved the logits from the
-   unrounded quantized model.
+   unrounded quantized model. gptq: the same with transformers + optimum + gptqmodel, run by the interpreter of a
+   separate environment (`gptq_reload`), when one is given.
 """
 # Math-style names follow the papers and formats.  pylint: disable=invalid-name
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import warnings
 
@@ -163,6 +165,11 @@ def reload(folder: str, fmt: str, model: nnx.Module, sites: list[formats.Site], 
   adapter = os.path.join(folder, reader.ADAPTER_DIR) if lowrank == "adapter" and any(s.rank for s in sites) else None
   base, full = torch_logits(folder, x, lm, adapter)
   wanted = [("base", base, "none" if adapter else lowrank)] + ([("base + adapter", full, "adapter")] if adapter else [])
+  return _compare(fmt, model, sites, dtype, dense, x, wanted, "transformers")
+
+
+def _compare(fmt, model, sites, dtype, dense, x, wanted, reader_name: str) -> str:
+  """Each (what, logits, lowrank) of `wanted` against our model holding the written values (`reference`)."""
   lines = []
   for what, got, lr in wanted:
     ref = jax_logits(reference(model, fmt, sites, dtype, lr, dense), x)
@@ -171,12 +178,59 @@ def reload(folder: str, fmt: str, model: nnx.Module, sites: list[formats.Site], 
     err, moved = float(np.abs(got - ref).max()), float(np.abs(ref - ours).max())
     if not np.isfinite(got).all() or err > RTOL * scale:
       raise ExportCheckError(
-          f"self-check: transformers{' + peft' if lr == 'adapter' else ''} on {fmt} logits ({what}) differ from our "
+          f"self-check: {reader_name}{' + peft' if lr == 'adapter' else ''} on {fmt} logits ({what}) differ from our "
           f"model with the written values by {err:.3g} (tolerance {RTOL * scale:.3g} = {RTOL} × max|logit|: float32 "
           f"evaluation of the same {dtype} weights, scales and factors); the folder does not hold this model.")
     lines.append(f"{what}: max|Δ| {err:.2g} ≤ {RTOL * scale:.2g} vs our model as written; {dtype} rounding moves "
                  f"it {moved:.2g} from the unrounded one")
   return "; ".join(lines)
+
+
+GPTQ_PYTHON_ENV = "GILORA_GPTQ_PYTHON"
+GPTQ_ENV_HINT = ('python3 -m venv gptq-env && gptq-env/bin/pip install "gptqmodel==7.7.0" "optimum==2.3.0" '
+                 '"peft~=0.21.2" transformers')
+
+
+def gptq_reload(folder: str, model: nnx.Module, sites: list[formats.Site], dtype: str, lowrank: str,
+                python: str, timeout_s: float = 1800.0) -> str:
+  """The GPTQ reload (module docstring, 2) in another interpreter, `python`, of an environment with optimum +
+  gptqmodel (`_gptq_child.py`; they need a newer torch than this environment's pin). Raises `ExportCheckError`
+  unless its logits (and, where an adapter was written and that environment has peft, with the adapter) equal our
+  model's with the written values; returns the line that says what was compared. gptqmodel compiles its CPU
+  kernels on first use (about 2 minutes once, cached under ~/.cache/gptqmodel)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  x = inputs(model)
+  child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gptq_child.py")
+  with tempfile.TemporaryDirectory(prefix="gilora_gptq_check_") as tmp:
+    np.savez(os.path.join(tmp, "in.npz"), x=x)
+    out = os.path.join(tmp, "out.npz")
+    try:
+      p = subprocess.run([python, child, folder, os.path.join(tmp, "in.npz"), out], capture_output=True, text=True,
+                         timeout=timeout_s, check=False, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+    except OSError as e:
+      raise ExportCheckError(f"self-check: the GPTQ reload interpreter {python!r} cannot be run ({e.strerror}); "
+                             f"pass --gptq-python the python of an environment with gptqmodel ({GPTQ_ENV_HINT}).") from None
+    except subprocess.TimeoutExpired:
+      raise ExportCheckError(f"self-check: the GPTQ reload with {python} took over {timeout_s:.0f} s; rerun (gptqmodel "
+                             f"compiles its CPU kernels once), or skip it (--no-check).") from None
+    last = (p.stderr.strip().splitlines() or [""])[-1][:300]
+    if p.returncode == 3:
+      raise ExportCheckError(f"self-check: {python} lacks the GPTQ reload's packages ({last}); install them there: "
+                             f"{GPTQ_ENV_HINT}.")
+    if p.returncode:
+      raise ExportCheckError(f"self-check: transformers + gptqmodel ({python}) could not load the GPTQ folder: {last}")
+    z = np.load(out)
+    info = json.loads(str(z["info"]))
+    adapter = lowrank == "adapter" and any(s.rank for s in sites)
+    wanted = [("base", z["base"], "none")]
+    if adapter and "adapter" in z:
+      wanted.append(("base + adapter", z["adapter"], "adapter"))
+    line = _compare("gptq", model, sites, dtype, None, x, wanted,
+                    f"transformers {info['transformers']} + gptqmodel {info['gptqmodel']}")
+  kernels = "/".join(info["kernels"]) or "?"
+  skipped = "; the adapter not applied (no peft there)" if adapter and "adapter" not in z else ""
+  return f"gptq reload ({python}: torch {info['torch']}, gptqmodel {info['gptqmodel']}, {kernels}): {line}{skipped}"
 
 
 def _without_lowrank(model: nnx.Module) -> nnx.Module:
