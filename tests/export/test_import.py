@@ -1,9 +1,12 @@
-"""`gj.load_model` on a folder written by the compressed-tensors library's own compressor (not by us), so that the
-reader is checked against the format's authors rather than against our writer."""
+"""`gj.load_model` on folders written by the formats' own libraries (not by us): compressed-tensors' compressor, and
+GPTQModel itself; so that the reader is checked against the formats' authors rather than against our writer."""
+import os
+
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 import gilora_jax as gj
 from gilora_jax import nn
@@ -70,3 +73,25 @@ def test_a_folder_from_the_compressed_tensors_compressor_loads_into_quantized_li
   with torch.no_grad():
     ref = theirs(input_ids=torch.from_numpy(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(qwen3.forward(ours, ids.astype(np.int32))), ref, atol=1e-4)
+
+
+GPTQMODEL_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gptqmodel-w4g32")
+
+
+def test_a_folder_gptqmodel_quantized_and_saved_loads_to_its_own_weights():
+  """tests/export/data/gptqmodel-w4g32 was quantized and saved by GPTQModel 7.7 (its v1 zeros, fp16 scales, bf16
+  other weights, `make_gptqmodel_fixture.py`), and reference.npz holds what transformers + gptqmodel make of it.
+  Every linear we read dequantizes to GPTQModel's own `dequantize_weight()` bit for bit once rounded to float16,
+  the precision its kernel dequantizes in (we keep float32); the logits agree up to that rounding."""
+  ref = np.load(os.path.join(GPTQMODEL_FOLDER, "reference.npz"))
+  model = gj.load_model(GPTQMODEL_FOLDER)
+  layers = {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, nn.QuantizedLinear)}
+  names = sorted(k[len("weight/model."):] for k in ref.files if k.startswith("weight/"))
+  assert sorted(layers) == names and len(names) == 14
+  for name in names:
+    W = np.asarray(layers[name].dequantized())
+    np.testing.assert_array_equal(W.astype(np.float16), ref[f"weight/model.{name}"], err_msg=name)
+    assert layers[name].grid.bits == 4 and layers[name].grid.group_size == 32 and layers[name].grid.symmetric
+  logits = np.asarray(qwen3.forward(model, ref["x"]))
+  scale = float(np.abs(ref["logits"]).max())
+  assert float(np.abs(logits - ref["logits"]).max()) < 2e-3 * scale
