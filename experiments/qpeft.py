@@ -42,19 +42,31 @@ class Args:
   lm_held_windows: int = 64
   vit_batch: int = 32
   gamma: float = 0.1
-  models: tuple = ("lm", "vit")
+  calib_samples: int = 32  # LM: windows of 256 tokens for the quantization
+  models: tuple = ("lm", "vit")  # or LM folders (e.g. runs/smollm2-135m-instruct)
   workdir: str = "runs/qpeft"
 
 
 INIT_OF = (("gptq+olrc", ("zero", "loftq", "olrc")), ("gilora", ("gilora",)), ("srr", ("srr",)))
 
 
+def _folder(kind):
+  return {"lm": assets.QWEN3_SHAKESPEARE, "vit": assets.DEIT_DIGITS}.get(kind, kind)
+
+
+def _name(kind):
+  return kind if kind in ("lm", "vit") else os.path.basename(os.path.normpath(kind))
+
+
 def _data(kind, a):
-  if kind == "lm":
-    tok = data.load_tokenizer(assets.QWEN3_SHAKESPEARE)
-    ids = data.tokenize(tok, assets.lm_text("calib"))
-    held = data.tokenize(tok, assets.lm_text("eval"))[:a.lm_held_windows * a.seqlen]
-    calib = data.lm_calibration(tok, assets.lm_text("calib"), 32, 256, 8, 0)
+  if kind != "vit":  # the built-in LM, or an LM folder with calib.txt / eval.txt (experiments/smollm2.py's)
+    folder = _folder(kind)
+    tok = data.load_tokenizer(folder)
+    texts = {s: (assets.lm_text(s) if kind == "lm" else data.load_text(os.path.join(folder, f"{s}.txt")))
+             for s in ("calib", "eval")}
+    ids = data.tokenize(tok, texts["calib"])
+    held = data.tokenize(tok, texts["eval"])[:a.lm_held_windows * a.seqlen]
+    calib = data.lm_calibration(tok, texts["calib"], a.calib_samples, 256, 8, 0)
     return train.lm_data(ids, a.seqlen, held_ids=held), calib, a.lm_batch
   images, labels = assets.digits("calib")
   test_images, test_labels = assets.digits("test")
@@ -75,12 +87,12 @@ def main(a: Args) -> None:
       done.add((r["model"], r["bits"], r["init"], r["seed"]))
   cfg = TrainConfig(steps=a.steps, lr=a.lr, warmup=a.warmup)
   for kind in a.models:
-    folder = assets.QWEN3_SHAKESPEARE if kind == "lm" else assets.DEIT_DIGITS
-    float_model = load_model(folder)
+    float_model = load_model(_folder(kind))
+    name = _name(kind)
     d, calib, batch = _data(kind, a)
     for bits in a.bits:
       for method, inits in INIT_OF:
-        todo = [(i, s) for i in inits for s in a.seeds if (kind, bits, i, s) not in done]
+        todo = [(i, s) for i in inits for s in a.seeds if (name, bits, i, s) not in done]
         if not todo:
           continue
         t = time.perf_counter()
@@ -93,8 +105,8 @@ def main(a: Args) -> None:
           res = finetune(q.model, d, init=init, cfg=cfg, batch_size=batch, gamma=a.gamma, seed=seed,
                          eval_every=a.steps // 3, records=records, float_model=float_model)
           first, last = res.curves[0], res.curves[-1]
-          metric = "eval_perplexity" if kind == "lm" else "eval_accuracy"
-          row = {"model": kind, "bits": bits, "rank": a.rank, "method": method, "init": init, "seed": seed,
+          metric = "eval_accuracy" if kind == "vit" else "eval_perplexity"
+          row = {"model": name, "bits": bits, "rank": a.rank, "method": method, "init": init, "seed": seed,
                  "steps": a.steps, "initial": first[metric], "final": last[metric], "final_loss": last["eval_loss"],
                  "quantize_s": qs, "finetune_s": round(time.perf_counter() - t, 1)}
           print(json.dumps(row), flush=True)
@@ -103,7 +115,7 @@ def main(a: Args) -> None:
           with open(out / "curves.jsonl", "a", encoding="utf-8") as f:
             for c in res.curves:
               if "eval_loss" in c:
-                f.write(json.dumps({"model": kind, "bits": bits, "init": init, "seed": seed, **c}) + "\n")
+                f.write(json.dumps({"model": name, "bits": bits, "init": init, "seed": seed, **c}) + "\n")
   report(out)
 
 
@@ -116,8 +128,8 @@ def report(out: pathlib.Path) -> None:
     rs = [r for r in rows if (r["model"], r["bits"], r["init"]) == (m, b, i)]
     fin = np.array([r["final"] for r in rs])
     scale, fmt = (100, ".1f") if m == "vit" else (1, ".2f")
-    name = "ppl Hamlet" if m == "lm" else "top-1 %"
-    lines.append(f"| {m} ({name}) | {b} | {i} | {np.mean([r['initial'] for r in rs]) * scale:{fmt}} | "
+    metric = "top-1 %" if m == "vit" else "ppl Hamlet"
+    lines.append(f"| {m} ({metric}) | {b} | {i} | {np.mean([r['initial'] for r in rs]) * scale:{fmt}} | "
                  f"{fin.mean() * scale:{fmt}} ± {fin.std() * scale:{fmt}} | {len(rs)} |")
   (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
   print("\n".join(lines))
@@ -134,12 +146,12 @@ def report(out: pathlib.Path) -> None:
       if not pts:
         continue
       steps = sorted({c["step"] for c in pts})
-      key = "eval_perplexity" if m == "lm" else "eval_accuracy"
+      key = "eval_accuracy" if m == "vit" else "eval_perplexity"
       ys = [np.mean([c[key] for c in pts if c["step"] == s]) for s in steps]
       ax.plot(steps, ys, marker="o", markersize=3, label=i)
     ax.set_title(f"{m}, {b}-bit", fontsize=9)
     ax.set_xlabel("step")
-    ax.set_ylabel("held-apart perplexity" if m == "lm" else "held-apart top-1")
+    ax.set_ylabel("held-apart top-1" if m == "vit" else "held-apart perplexity")
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out / "curves.png", format="png")
