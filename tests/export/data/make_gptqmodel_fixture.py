@@ -9,6 +9,7 @@ environment"):
 GPTQModel 7.7 quantizes the tiny random Qwen3 on CPU (4-bit, groups of 32, symmetric, its defaults otherwise) on
 16 windows of 64 tokens of its calib.txt and saves it; then, from that saved folder as transformers + gptqmodel load
 it, every quantized linear's `dequantize_weight()` and the logits of two 16-token inputs go to reference.npz.
+(GPTQModel also writes a logs/ folder into the current directory: run it from a scratch folder, or delete it.)
 """
 import os
 import sys
