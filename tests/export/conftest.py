@@ -16,6 +16,9 @@ from gilora_jax.pipeline import ckpt, run
 from gilora_jax.quant.grid import GridSpec
 from tests.pipeline.tiny import LM_CONFIG, VIT_CONFIG, random_model
 
+# Run by the GPTQ reload environment's python, not by the suite (it imports gptqmodel): not a module to collect.
+collect_ignore = ["data/make_gptqmodel_fixture.py"]
+
 
 def quantize_randomly(model, *, bits=4, group_size=32, symmetric=False, rank=4, seed=0, ranks=None):
   """`model` with every QUANT_SITES linear replaced by a QuantizedLinear holding random codes, a plausible grid
