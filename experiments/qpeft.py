@@ -75,6 +75,16 @@ def _data(kind, a):
   return train.image_data(pre(images), labels, held=(pre(test_images), test_labels)), calib, a.vit_batch
 
 
+def _float_metric(model, d, kind) -> float:
+  """The float model's held-apart perplexity (LM) or top-1 (DeiT), computed as the fine-tune's evaluation does."""
+  from gilora_jax.pipeline import evaluate  # pylint: disable=import-outside-toplevel
+  if kind != "vit":
+    return float(evaluate.perplexity(model, np.asarray(d.held).reshape(-1), np.shape(d.held)[1], 8)["perplexity"])
+  pixels, labels = d.held
+  logits = np.concatenate([np.asarray(deit.forward(model, pixels[i:i + 64])) for i in range(0, len(labels), 64)])
+  return float(np.mean(logits.argmax(-1) == labels))
+
+
 def main(a: Args) -> None:
   out = pathlib.Path(a.workdir)
   out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +100,14 @@ def main(a: Args) -> None:
     float_model = load_model(_folder(kind))
     name = _name(kind)
     d, calib, batch = _data(kind, a)
+    if (name, None, "float", None) not in done:  # the unquantized model on the same held-apart split
+      metric = "eval_accuracy" if kind == "vit" else "eval_perplexity"
+      value = _float_metric(float_model, d, kind)
+      row = {"model": name, "bits": None, "rank": None, "method": None, "init": "float", "seed": None,
+             "steps": 0, "initial": value, "final": value}
+      print(json.dumps({**row, "metric": metric}), flush=True)
+      with open(results_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
     for bits in a.bits:
       for method, inits in INIT_OF:
         todo = [(i, s) for i in inits for s in a.seeds if (name, bits, i, s) not in done]
@@ -122,9 +140,15 @@ def main(a: Args) -> None:
 def report(out: pathlib.Path) -> None:
   rows = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
   lines = ["| model | bits | init | quantized (step 0) | after fine-tune | seeds |", "|---|---|---|---|---|---|"]
-  keys = sorted({(r["model"], r["bits"], r["init"]) for r in rows}, key=lambda k: (k[0], k[1], [
-      "zero", "loftq", "olrc", "gilora", "srr"].index(k[2])))
+  keys = sorted({(r["model"], r["bits"], r["init"]) for r in rows}, key=lambda k: (k[0], k[1] or 0, [
+      "float", "zero", "loftq", "olrc", "gilora", "srr"].index(k[2])))
   for m, b, i in keys:
+    if i == "float":
+      r = next(r for r in rows if (r["model"], r["init"]) == (m, "float"))
+      scale, fmt = (100, ".1f") if m == "vit" else (1, ".2f")
+      lines.append(f"| {m} ({'top-1 %' if m == 'vit' else 'ppl Hamlet'}) | – | float (unquantized) | "
+                   f"{r['final'] * scale:{fmt}} | – | – |")
+      continue
     rs = [r for r in rows if (r["model"], r["bits"], r["init"]) == (m, b, i)]
     fin = np.array([r["final"] for r in rs])
     scale, fmt = (100, ".1f") if m == "vit" else (1, ".2f")
