@@ -220,16 +220,17 @@ def gptq_reload(folder: str, model: nnx.Module, sites: list[formats.Site], dtype
                              f"{GPTQ_ENV_HINT}.")
     if p.returncode:
       raise ExportCheckError(f"self-check: transformers + gptqmodel ({python}) could not load the GPTQ folder: {last}")
-    z = np.load(out)
-    info = json.loads(str(z["info"]))
-    adapter = lowrank == "adapter" and any(s.rank for s in sites)
-    wanted = [("base", z["base"], "none")]
-    if adapter and "adapter" in z:
-      wanted.append(("base + adapter", z["adapter"], "adapter"))
-    line = _compare("gptq", model, sites, dtype, None, x, wanted,
-                    f"transformers {info['transformers']} + gptqmodel {info['gptqmodel']}")
+    with np.load(out) as z:
+      got = {k: z[k] for k in z.files}
+  info = json.loads(str(got["info"]))
+  adapter = lowrank == "adapter" and any(s.rank for s in sites)
+  wanted = [("base", got["base"], "none")]
+  if adapter and "adapter" in got:
+    wanted.append(("base + adapter", got["adapter"], "adapter"))
+  line = _compare("gptq", model, sites, dtype, None, x, wanted,
+                  f"transformers {info['transformers']} + gptqmodel {info['gptqmodel']}")
   kernels = "/".join(info["kernels"]) or "?"
-  skipped = "; the adapter not applied (no peft there)" if adapter and "adapter" not in z else ""
+  skipped = "; the adapter not applied (no peft there)" if adapter and "adapter" not in got else ""
   return f"gptq reload ({python}: torch {info['torch']}, gptqmodel {info['gptqmodel']}, {kernels}): {line}{skipped}"
 
 
