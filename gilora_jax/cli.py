@@ -112,12 +112,17 @@ _MODEL_ONLY = ("out", "overwrite", "calib", "batch_size", "verify", "mesh", "coo
 def _mesh(a: argparse.Namespace):
   """Joins a multi-host run when asked (before any JAX computation), then the run's mesh: None on one device with
   the automatic mesh (the plain single-device program)."""
-  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
   runtime.init_distributed(a.coordinator, a.num_processes, a.process_id, heartbeat_timeout_s=a.heartbeat_timeout)
+  return _mesh_of(a.mesh)
+
+
+def _mesh_of(spec: str | None):
+  """The mesh `--mesh` names: None on one device with the automatic mesh (the plain single-device program)."""
+  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  if a.mesh in (None, "auto") and jax.device_count() == 1:
+  if spec in (None, "auto") and jax.device_count() == 1:
     return None
-  return sharding.make_mesh(a.mesh)
+  return sharding.make_mesh(spec)
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
@@ -232,15 +237,6 @@ def cmd_export(a: argparse.Namespace) -> int:
   return 0
 
 
-def _finetune_mesh(spec: str | None):
-  """The fine-tune's data-parallel mesh: None on one device with the automatic mesh (the plain program)."""
-  from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  if spec in (None, "auto") and jax.device_count() == 1:
-    return None
-  return sharding.make_mesh(spec)
-
-
 def cmd_finetune(a: argparse.Namespace) -> int:
   """QPEFT of a `gilora quantize` output: train its L, R (Q frozen) into --out; print a JSON summary line."""
   from gilora_jax.finetune import TrainConfig, train  # pylint: disable=import-outside-toplevel
@@ -270,7 +266,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                                   verify=a.verify, float_model=a.float_model, cfg=cfg, batch_size=a.batch_size,
                                   gamma=a.gamma, seed=a.seed, pattern=a.layers, eval_every=a.eval_every,
                                   ckpt_every=a.ckpt_every, loftq_iters=a.loftq_iters, progress=progress,
-                                  on_step=on_step, mesh=_finetune_mesh(a.mesh))
+                                  on_step=on_step, mesh=_mesh_of(a.mesh))
   print(json.dumps(summary))
   return 0
 

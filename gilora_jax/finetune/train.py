@@ -344,8 +344,8 @@ def check_mesh(mesh, batch_size: int) -> None:
   any work), and it runs in one process (the checkpoints are written from this process's whole arrays)."""
   from gilora_jax import sharding  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
-    raise sharding.MeshError(f"gilora finetune runs in one process ({jax.process_count()} joined): on one host, "
-                             f"every local device is on the mesh's data axis; drop --coordinator/--num-processes.")
+    raise sharding.MeshError(f"a fine-tune runs in one process, and this one has joined {jax.process_count()}: run it "
+                             f"on one host without jax.distributed (every local device goes on the mesh's data axis).")
   n = mesh.shape["data"]
   if batch_size % n:
     raise sharding.MeshError(f"--batch-size {batch_size} does not divide over the mesh's data axis of {n} devices: "

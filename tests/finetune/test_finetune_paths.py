@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +13,6 @@ from safetensors.numpy import load_file
 
 from gilora_jax import cli, load_model, nn
 from gilora_jax.finetune import TrainConfig, finetune, train
-from gilora_jax.pipeline import apply
 
 from .test_finetune import lm_data, srr_model, lm, lm_dir  # noqa: F401  pylint: disable=unused-import
 
