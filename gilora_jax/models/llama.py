@@ -507,7 +507,7 @@ class Attention(nnx.Module):
       mask = mask & (jnp.arange(key.shape[1])[None, :] > q_idx - self.sliding_window)[None]  # (B, T, S)
     # Query head j reads kv head j // G (HF repeat_kv), so split N as (K, G). The products run as one plain
     # batched GEMM per (B, K) with the G query heads stacked on T (M = G*T rows, contiguous operands): on
-    # XLA:CPU that is ~1.3x faster than the same contraction with (T, K, G) left interleaved.
+    # XLA:CPU faster than the same contraction with (T, K, G) left interleaved (benchmarks/attention.py).
     g = n // k
     s = key.shape[1]
     q = q.reshape(b, t, k, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, hd)  # (B, K, G*T, H)
