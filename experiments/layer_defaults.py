@@ -34,9 +34,10 @@ import _builtin  # noqa: E402  pylint: disable=wrong-import-position
 
 BEST = dict(mse=True, act_order=True, loops=3, bidup_deflated=True)  # the existing flags that measured best
 # label -> quantize_layer options (method and flags), each on top of the flags the defaults had before 2026-12-03
-# (gilora_jax.config.FAST: no clip search, no act-order), so that every label keeps the meaning of the tables
-# measured before; "gilora (default)" takes the library's defaults as they are now.
-PLAIN = dict(mse=False, act_order=False)
+# (gilora_jax.config.PAPER: no clip search, no act-order, Paper A's intrinsic λ), so that every label keeps the
+# meaning of the tables measured before; "gilora (default)" takes the library's defaults as they are now.
+PLAIN = dict(mse=False, act_order=False, intrinsic_damp="augmented")
+DEFLATED = dict(intrinsic_damp="deflated")  # gilora's intrinsic λ from the deflated Hessian (quant.intrinsic)
 VARIANTS = {label: {**PLAIN, **kw} for label, kw in {
     "gptq": dict(method="gptq"),
     "gptq+olrc": dict(method="gptq+olrc"),
@@ -50,6 +51,11 @@ VARIANTS = {label: {**PLAIN, **kw} for label, kw in {
     "gilora mse+act_order 2 deflated loops": dict(method="gilora", mse=True, act_order=True, loops=2,
                                                   bidup_deflated=True),
     "gilora best flags": dict(method="gilora", **BEST),
+    "gilora deflated λ": dict(method="gilora", **DEFLATED),
+    "gilora mse+act_order deflated λ": dict(method="gilora", mse=True, act_order=True, **DEFLATED),
+    "gilora mse+act_order deflated λ 1 deflated loop": dict(method="gilora", mse=True, act_order=True, loops=1,
+                                                           bidup_deflated=True, **DEFLATED),
+    "gilora best flags deflated λ": dict(method="gilora", **BEST, **DEFLATED),
     "gptq+olrc best flags": dict(method="gptq+olrc", **BEST),
     "srr": dict(method="srr"),
     "srr mse+act_order": dict(method="srr", mse=True, act_order=True),
@@ -158,7 +164,8 @@ def main(a: Args) -> dict:
     e, c = np.asarray(err[v]), np.asarray(cost[v])
     table[v] = dict(median=float(np.median(e)), worst=float(np.max(e)), cost=float(np.median(c)))
     print(f"  {v:<40}{np.median(e):>7.3f} ({np.max(e):.3f}){np.median(c):>8.2f}×")
-  pairs = [v for v in ("gilora best flags", "srr best flags") if v in err and "gptq+olrc best flags" in err]
+  pairs = [v for v in ("gilora best flags", "gilora best flags deflated λ", "gilora (default)", "srr best flags")
+           if v in err and "gptq+olrc best flags" in err]
   for v in pairs:
     best_olrc = np.asarray(err["gptq+olrc best flags"])
     rel = np.asarray(err[v]) / best_olrc

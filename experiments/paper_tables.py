@@ -20,13 +20,14 @@ layer table measures (default: every block of the built-ins, blocks 0, middle an
 folder of real Qwen3-0.6B/1.7B/8B-Base or DeiT-S/B and its calibration/evaluation files the same command runs the
 papers' protocol (pass --nsamples 128 --seqlen 2048 --eval_seqlen 2048).
 
-Settings (`--settings`): `paper` = the papers' protocol (min–max grids, rows in order: `gilora_jax.config.FAST`),
-`default` = this library's defaults (the clip search and act-order, for every method alike). Methods: rtn, gptq
-(rank 0), gptq+lorc, gptq+olrc, gilora, gilora + 1/2/3 Bid-Up loops, srr. The layer table's error is
-``tr(EᵀHE)/tr(WᵀHW)`` per layer divided by GPTQ's on the same layer at the same bits and settings (median over
-the layers; rank 0 is GPTQ itself); gilora's Cor. 3.9 upper bound is plotted beside it (it bounds gilora only).
-Model level: `gilora_jax.pipeline.run.comparison_setup`'s protocol (the built-in comparison's: calib.txt windows,
-eval.txt perplexity; a classifier's calib split and test-split top-1), the quantized propagation protocol.
+Settings (`--settings`): `paper` = the papers' protocol (min–max grids, rows in order, gilora's intrinsic λ as
+Paper A's: `gilora_jax.config.PAPER`), `default` = this library's defaults (the clip search and act-order, for
+every method alike, and gilora's deflated λ). Methods: rtn, gptq (rank 0), gptq+lorc, gptq+olrc, gilora, gilora +
+1/2/3 Bid-Up loops, srr. The layer table's error is ``tr(EᵀHE)/tr(WᵀHW)`` per layer divided by GPTQ's on the same
+layer at the same bits and settings (median over the layers; rank 0 is GPTQ itself); gilora's Cor. 3.9 upper bound
+is plotted beside it (it bounds gilora only). Model level: `gilora_jax.pipeline.run.comparison_setup`'s protocol
+(the built-in comparison's: calib.txt windows, eval.txt perplexity; a classifier's calib split and test-split
+top-1), the quantized propagation protocol.
 """
 import dataclasses
 import json
@@ -48,7 +49,7 @@ METHODS = {  # label -> layer options on top of the settings; rank-free methods 
     "gilora+3loops": dict(method="gilora", loops=3), "srr": dict(method="srr"),
 }
 RANK_FREE = ("rtn", "gptq")
-SETTINGS = ("paper", "default")  # paper: gilora_jax.config.FAST; default: the library's defaults
+SETTINGS = ("paper", "default")  # paper: gilora_jax.config.PAPER; default: the library's defaults
 PROTOCOL = ("group_size", "nsamples", "seqlen", "eval_seqlen", "vit_nsamples", "seed")  # fixed per workdir
 MARK = "<!-- paper_tables:{table} (experiments/paper_tables.py writes this section; edits here are replaced) -->"
 END = "<!-- /paper_tables:{table} -->"
@@ -101,7 +102,7 @@ def settings_overrides(name: str) -> dict:
   from gilora_jax import config  # pylint: disable=import-outside-toplevel
   if name not in SETTINGS:
     sys.exit(f"--settings: unknown {name!r}; choose from {', '.join(SETTINGS)}")
-  return dict(config.FAST) if name == "paper" else {}
+  return dict(config.PAPER) if name == "paper" else {}
 
 
 class Results:

@@ -34,6 +34,9 @@ PROTOCOLS = ("quantized", "fp")
 # float32 from the rounded inputs).
 ACTIVATIONS = ("float32", "bfloat16")
 FACTORS = ("cholesky", "eigh")
+# gilora's intrinsic-pass λ: damp times the mean diagonal of the deflated Hessian it factors (GPTQ's rule applied
+# to that matrix), or of the augmented Hessian (Paper A's choice); quant.intrinsic explains the difference.
+INTRINSIC_DAMPS = ("deflated", "augmented")
 BIDUP_ORDERS = ("forward", "backward", "both")
 SRR_SCALINGS = ("identity", "diag", "exact")
 SRR_QUANTIZERS = ("gptq", "rtn")
@@ -75,6 +78,7 @@ class LayerConfig:
   grid: GridSpec = GridSpec(bits=3, mse=True)  # the clip search on (GridSpec's own default, the min–max grid, is off)
   rank: int = 32
   damp: float = 0.01
+  intrinsic_damp: str = "deflated"  # one of INTRINSIC_DAMPS; "augmented" is Paper A's (config.PAPER)
   seed: int = 0
   diagnostics: str = "auto"   # one of DIAGNOSTICS (True and False are read as "full" and "off")
   gptq: GPTQOptions = GPTQOptions()
@@ -203,6 +207,10 @@ class QuantConfig:
 # which halve gilora's error on real layers (BENCHMARKS.md, "Layer settings"); FAST turns both off, as the
 # defaults were before, for about 70 % of the cost on SmolLM2-size layers (less saved on wider ones).
 FAST: dict[str, Any] = {"mse": False, "act_order": False}
+# The papers' settings exactly: FAST, and gilora's intrinsic pass damped as Paper A damps it (the augmented
+# Hessian's mean diagonal). The deflated λ the defaults take costs nothing, so FAST keeps it; the paper-settings
+# rows of experiments/paper_tables.py and the papers' ordering test of the built-in LM use this preset.
+PAPER: dict[str, Any] = {**FAST, "intrinsic_damp": "augmented"}
 
 
 # ------------------------------------------------------------------------------------------------ flat names
@@ -217,7 +225,9 @@ FIELDS: dict[str, tuple[str, str]] = {
     "shrink": ("grid.shrink", "shrink factor β of the min–max grid step, in (0, 1]; with --no-mse only"),
     "mse": ("grid.mse", "search each column's clip ratio for the smallest |q − w|^2.4 (overrides shrink)"),
     "loops": ("refine.loops", "Bid-Up/OLrC refinement loops after the method"),
-    "damp": ("damp", "relative damping λ = damp · mean diag H (gilora: of the augmented Hessian)"),
+    "damp": ("damp", "relative damping λ = damp · mean diag H (gilora's intrinsic pass: of the Hessian it factors)"),
+    "intrinsic_damp": ("intrinsic_damp", f"which mean diagonal gilora's intrinsic-pass λ scales: "
+                       f"{' or '.join(INTRINSIC_DAMPS)} Hessian (augmented: Paper A's)"),
     "act_order": ("gptq.act_order", "visit input rows by decreasing H_ii"),
     "static_groups": ("gptq.static_groups", "fit group grids on W up front (llm-compressor's protocol)"),
     "block_size": ("gptq.block_size", "rows per lazy-batch block of the sweep (never changes the result)"),
@@ -233,8 +243,8 @@ FIELDS: dict[str, tuple[str, str]] = {
                     f"method computes anyway, and in a whole-model run or quantize-layer the final error; errors: "
                     f"the final error; full: every stage's error and gilora's bounds)"),
 }
-_CHOICES = {"method": METHODS, "factor": FACTORS, "bidup_order": BIDUP_ORDERS, "srr_scaling": SRR_SCALINGS,
-            "srr_quantizer": SRR_QUANTIZERS, "diagnostics": DIAGNOSTICS}
+_CHOICES = {"method": METHODS, "factor": FACTORS, "intrinsic_damp": INTRINSIC_DAMPS, "bidup_order": BIDUP_ORDERS,
+            "srr_scaling": SRR_SCALINGS, "srr_quantizer": SRR_QUANTIZERS, "diagnostics": DIAGNOSTICS}
 
 
 def _get(cfg: Any, path: str) -> Any:

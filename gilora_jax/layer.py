@@ -178,13 +178,14 @@ def quantize_layer(
     group_size: input rows per grid (dividing d_in), or None for per-output-channel grids.
     symmetric: symmetric grids.
     loops: Bid-Up/OLrC refinement loops after the method (``refine.refine``).
-    damp: relative damping, ``λ = damp · mean diag H`` (gilora: of the augmented Hessian). Escalated × 10 with a
-      logged warning while a factorisation fails, up to 4 times; then ``ValueError``.
+    damp: relative damping, ``λ = damp · mean diag H`` (gilora's intrinsic pass: of the deflated Hessian it
+      factors, or of Paper A's augmented one with ``intrinsic_damp="augmented"``: ``quant.intrinsic``). Escalated
+      × 10 with a logged warning while a factorisation fails, up to 4 times; then ``ValueError``.
     act_order: visit input rows by decreasing ``H_ii`` (with groups, static groups fitted on W up front).
     seed: PRNG seed (kept for compatibility: SRR's criteria no longer draw a random probe).
     config: a whole ``LayerConfig`` instead of the flat options (which must then stay at their defaults).
-    **options: the other ``LayerConfig`` fields by their flat names (``config.FIELDS``): ``static_groups``,
-      ``shrink``, ``mse``, ``block_size``, ``factor``, ``final_olrc``, ``bidup_order``, ``bidup_deflated``,
+    **options: the other ``LayerConfig`` fields by their flat names (``config.FIELDS``): ``intrinsic_damp``,
+      ``static_groups``, ``shrink``, ``mse``, ``block_size``, ``factor``, ``final_olrc``, ``bidup_order``, ``bidup_deflated``,
       ``srr_scaling``, ``srr_k``, ``srr_quantizer``, ``diagnostics``.
 
   Returns:

@@ -91,7 +91,7 @@ def gptq_olrc(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutpu
 
 
 def gilora(W: jax.Array, site: hessian.Site, cfg: LayerConfig) -> MethodOutput:
-  r = intrinsic.gilora(W, site, cfg.grid, cfg.rank, **_gptq_kwargs(cfg))
+  r = intrinsic.gilora(W, site, cfg.grid, cfg.rank, lam_from=cfg.intrinsic_damp, **_gptq_kwargs(cfg))
   return MethodOutput(r.codes, r.grid, r.Q, r.lr, r.factor.damp, float(r.ih.lam), None, None)
 
 

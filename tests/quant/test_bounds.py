@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gilora_jax as gj
+from gilora_jax import config
 from gilora_jax.quant import bounds
 from tests.quant import problems
 
@@ -12,12 +13,20 @@ from tests.quant import problems
 @pytest.mark.parametrize("r", [0, 4, 8])
 def test_cor39_upper_bound_holds_at_8_bits(r):
   W, H = problems.spectral_drop(seed=0, r=8)
-  res = gj.quantize_layer(W, H, method="gilora", bits=8, rank=r, final_olrc=False)
-  # The bound is on the damped intrinsic objective ‖X(W − Q − V_r R)‖² + λ‖W − Q‖² + λ‖R‖², with λ of the
-  # augmented pass.
-  e, V = np.linalg.eigh(H)
-  sig2 = e[::-1][:r]
-  lam = 0.01 * (np.trace(H) + sig2.sum()) / (H.shape[0] + r)
+  # The bound is on the damped intrinsic objective ‖X(W − Q − V_r R)‖² + λ‖W − Q‖² + λ‖R‖², with the λ of the
+  # intrinsic pass: the deflated Hessian's (the default) or Paper A's augmented one; it holds for either.
+  e = np.linalg.eigvalsh(H)
+  for lam_from in config.INTRINSIC_DAMPS:
+    check_bound(W, H, e, r, lam_from)
+
+
+def check_bound(W, H, e, r, lam_from):
+  res = gj.quantize_layer(W, H, method="gilora", bits=8, rank=r, final_olrc=False, intrinsic_damp=lam_from)
+  lam = res.report.lam
+  sig2 = np.sort(e)[::-1]
+  expect = (0.01 * sig2[r:].sum() / H.shape[0] if lam_from == "deflated"
+            else 0.01 * (np.trace(H) + sig2[:r].sum()) / (H.shape[0] + r))
+  np.testing.assert_allclose(lam, expect, rtol=1e-8)
   Q, L, R = (np.asarray(a) for a in (res.Q, res.L, res.R))
   E = W - Q - L @ R
   lhs = np.sum(E * (H @ E)) + lam * np.sum((W - Q) ** 2) + lam * np.sum(R**2)
@@ -33,8 +42,8 @@ def test_cor39_bound_discriminates_at_full_rank_budget():
   W, H = problems.spectral_drop(seed=0, r=8)
   r = 8
   e, _ = np.linalg.eigh(H)
-  lam = 0.01 * (np.trace(H) + np.sort(e)[::-1][:r].sum()) / (H.shape[0] + r)
   res = gj.quantize_layer(W, H, method="gilora", bits=8, rank=r, final_olrc=False)
+  lam = res.report.lam  # the default, deflated λ: the smaller one, so the tighter bound
   rhs = float(bounds.upper_bound(jnp.asarray(e), res.scales, r, lam))
   for Q in (np.asarray(res.Q), np.asarray(gj.quantize_layer(W, H, method="rtn", bits=8).Q)):
     E = W - Q

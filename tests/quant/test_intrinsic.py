@@ -4,20 +4,22 @@ import numpy as np
 import pytest
 
 import gilora_jax as gj
+from gilora_jax import config
 from gilora_jax.quant import hessian, intrinsic, linalg
 from gilora_jax.quant.grid import GridSpec
 from tests.quant import problems
 
 
-def literal_augmented(W, H, bits, r, damp=0.01):
+def literal_augmented(W, H, bits, r, damp=0.01, lam=None):
   """Paper A, Alg. 3 as written, in float64 NumPy: GPTQ on [W; 0] with the (N+r)² augmented Hessian,
-  quantizing the first N rows only, Hinv factor as the paper's "GPTQ*" (eigh of the inverse square root + QR)."""
+  quantizing the first N rows only, Hinv factor as the paper's "GPTQ*" (eigh of the inverse square root + QR).
+  ``lam``: the absolute damping of the augmented diagonal (default Paper A's, damp · its mean diagonal)."""
   N = W.shape[0]
   e, V = np.linalg.eigh(H)
   L = V[:, ::-1][:, :r]
   Xa_T_Xa = np.block([[H, H @ L], [L.T @ H, L.T @ H @ L]])
   Ha = 0.5 * (Xa_T_Xa + Xa_T_Xa.T)
-  Ha += damp * np.mean(np.diag(Ha)) * np.eye(N + r)
+  Ha += (damp * np.mean(np.diag(Ha)) if lam is None else lam) * np.eye(N + r)
   ea, Va = np.linalg.eigh(Ha)
   Qt, G = np.linalg.qr((Va / np.sqrt(ea)) @ Va.T)  # (H_aug + λI)^{-1/2} = Q̃ G
   G = G * np.sign(np.diag(G))[:, None]  # diag(G) > 0, so Ψ = Gᵀ and U = G (Uᵀ U = (H_aug + λI)⁻¹)
@@ -47,9 +49,26 @@ def test_schur_form_equals_literal_augmented_sweep(bits, r):
   np.testing.assert_allclose(np.abs(np.asarray(res.lr.L).T @ L_ref), np.eye(r), atol=1e-8)
   np.testing.assert_allclose(np.asarray(res.lr.L @ res.lr.R), L_ref @ R_ref, atol=1e-9)
   # quantize_layer's gilora without its final OLrC is exactly this function
-  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False, mse=False, act_order=False)
+  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False, **config.PAPER)
   np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(res.codes))
   np.testing.assert_array_equal(np.asarray(via.L @ via.R), np.asarray(res.lr.L @ res.lr.R))
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("bits, r", [(2, 4), (3, 8)])
+def test_deflated_lambda_is_the_literal_sweep_damped_by_the_deflated_diagonal(bits, r):
+  """The library's default λ changes only the damping: the literal augmented sweep with λ = damp · Σ_{i>r} σ_i² / N
+  on its diagonal gives the same codes and L R."""
+  W, H = problems.spectral_drop(seed=bits, d_in=48, d_out=20, r=r)
+  e = np.sort(np.linalg.eigvalsh(H))[::-1]
+  lam = 0.01 * e[r:].sum() / 48
+  codes_ref, L_ref, R_ref = literal_augmented(W, H, bits, r, lam=lam)
+  res = intrinsic.gilora(W, H, GridSpec(bits=bits), r, lam_from="deflated")
+  np.testing.assert_allclose(float(res.ih.lam), lam, rtol=1e-10)
+  np.testing.assert_array_equal(np.asarray(res.codes), codes_ref)
+  np.testing.assert_allclose(np.asarray(res.lr.L @ res.lr.R), L_ref @ R_ref, atol=1e-9)
+  via = gj.quantize_layer(W, H, method="gilora", bits=bits, rank=r, final_olrc=False, mse=False, act_order=False)
+  np.testing.assert_array_equal(np.asarray(via.codes), np.asarray(res.codes))
 
 
 def test_rank_zero_is_gptq():
