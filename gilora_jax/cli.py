@@ -57,8 +57,14 @@ def _add_layer_flags(p: argparse.ArgumentParser, builtin: dict | None = None) ->
   g = p.add_argument_group("layer options (every one a field of gilora_jax.config.LayerConfig)")
   fast = " ".join(config_lib.flag(k) if v else "--no-" + config_lib.flag(k)[2:] for k, v in config_lib.FAST.items())
   g.add_argument("--fast", action="store_true", default=None,
-                 help=f"the preset {fast} (gilora_jax.config.FAST): no clip search, no act-order, as the defaults were "
-                 f"before 2026-12-03, for about 70 %% of the cost on SmolLM2-size layers; flags given beside it win")
+                 help=f"the preset {fast} (gilora_jax.config.FAST): no clip search, no act-order, for about 70 %% of "
+                 f"the cost on SmolLM2-size layers; flags given beside it win")
+  paper = " ".join(f"--{k.replace('_', '-')} {v}" if isinstance(v, str) else config_lib.flag(k) if v else
+                   "--no-" + config_lib.flag(k)[2:] for k, v in config_lib.PAPER.items())
+  g.add_argument("--paper", action="store_true", default=None,
+                 help=f"the preset {paper} (gilora_jax.config.PAPER): the papers' settings exactly, as the defaults "
+                 f"were before 2026-12-03 (min–max grids, natural row order, Paper A's intrinsic λ); flags given "
+                 f"beside it win")
   for name, (_, help_) in config_lib.FIELDS.items():
     kind, default = config_lib.field_type(name), config_lib.default(name)
     shown = ("on" if default else "off") if kind is bool else ("unset" if default is None else default)
@@ -75,7 +81,7 @@ def _add_layer_flags(p: argparse.ArgumentParser, builtin: dict | None = None) ->
 
 def _layer_config(a: argparse.Namespace, base: dict | None = None) -> config_lib.LayerConfig:
   given = {n: getattr(a, n) for n in config_lib.FIELDS if getattr(a, n) is not None}
-  preset = config_lib.FAST if getattr(a, "fast", None) else {}
+  preset = config_lib.PAPER if getattr(a, "paper", None) else config_lib.FAST if getattr(a, "fast", None) else {}
   return config_lib.from_flat(**{**(base or {}), **preset, **given})
 
 

@@ -306,6 +306,20 @@ def test_fast_preset_turns_off_the_clip_search_and_act_order_and_given_flags_win
   assert not np.array_equal(np.asarray(fast.codes), np.asarray(gj.quantize_layer(W, H).codes))
 
 
+def test_paper_preset_is_fast_with_paper_a_intrinsic_lambda_and_given_flags_win():
+  """--paper (config.PAPER) is the papers' settings exactly: --fast's min–max grid and natural order, and gilora's
+  intrinsic pass damped as Paper A damps it; --fast keeps the (free) deflated λ."""
+  from gilora_jax import config  # pylint: disable=import-outside-toplevel
+  sub = cli.build_parser().commands["quantize"]
+  cfg = lambda *argv: cli._layer_config(sub.parse_args(list(argv)))  # noqa: E731  pylint: disable=protected-access
+  assert cfg().intrinsic_damp == cfg("--fast").intrinsic_damp == "deflated"
+  paper = cfg("--paper")
+  assert paper == config.LayerConfig().replace(**config.PAPER)
+  assert paper.intrinsic_damp == "augmented" and not paper.grid.mse and not paper.gptq.act_order
+  assert cfg("--paper", "--intrinsic-damp", "deflated").intrinsic_damp == "deflated"
+  assert cfg("--paper", "--act-order").gptq.act_order
+
+
 def test_the_default_calibration_batch_is_1024_tokens():
   from gilora_jax.pipeline import run  # pylint: disable=import-outside-toplevel
   assert [run.default_batch_size(s, lm=True) for s in (64, 256, 512, 1024, 2048, 5000)] == [16, 4, 2, 1, 1, 1]
