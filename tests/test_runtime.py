@@ -88,7 +88,13 @@ x = jax.numpy.asarray(rng.standard_t(4, (4096, 192)).astype(np.float32))
 H = jax.jit(hessian.update)(hessian.init(192), x).xtx  # jitted, as in the pipeline: x.T is then a view
 E = jax.numpy.asarray(rng.standard_normal((192, 96)).astype(np.float32))
 lr, _ = jax.jit(lowrank.olrc, static_argnums=2)(E, H + np.float32(1.0) * jax.numpy.eye(192), 8)
-np.savez(sys.argv[2], H=np.asarray(H), L=np.asarray(lr.L), R=np.asarray(lr.R))
+# a Gram side of 1024: OLrC's top-r from the block Krylov iteration (linalg.top_eigh_auto), not the dense eigh
+x2 = jax.numpy.asarray(rng.standard_t(4, (2048, 1040)).astype(np.float32))
+H2 = jax.jit(hessian.update)(hessian.init(1040), x2).xtx
+E2 = jax.numpy.asarray(rng.standard_normal((1040, 1024)).astype(np.float32))
+lr2, opt2 = jax.jit(lowrank.olrc, static_argnums=2)(E2, H2 + np.float32(1.0) * jax.numpy.eye(1040), 32)
+np.savez(sys.argv[2], H=np.asarray(H), L=np.asarray(lr.L), R=np.asarray(lr.R), L2=np.asarray(lr2.L),
+         R2=np.asarray(lr2.R), opt2=np.asarray(opt2))
 """
 
 
@@ -97,7 +103,7 @@ np.savez(sys.argv[2], H=np.asarray(H), L=np.asarray(lr.L), R=np.asarray(lr.R))
                     reason="needs two cores to compare one thread with several")
 def test_hessian_and_olrc_do_not_depend_on_the_thread_count(tmp_path):
   """H = XᵀX and OLrC's products are bit-identical with one core and with all of them (x.T @ x was not: XLA:CPU
-  split its token sum over threads)."""
+  split its token sum over threads), with the dense eigh and with the block Krylov top-r of a 1024-wide Gram."""
   out = {}
   for n in ("1", "all"):
     path = str(tmp_path / f"{n}.npz")

@@ -6,6 +6,9 @@ One place for each, so the algorithms cannot drift apart in how they symmetrise,
   precision (TF32/bf16 passes); every product that forms or applies a Hessian asks for full precision.
 * ``eigh_desc``: eigenpairs of a symmetric matrix in *descending* order (the papers' σ₁² ≥ σ₂² ≥ …), computed on
   ``(M + Mᵀ)/2`` so that round-off asymmetry of a Gram matrix cannot leak into the result.
+* ``top_eigh`` / ``top_eigh_iterative``: the r largest eigenpairs, from the dense ``eigh`` or, for a large matrix
+  and a small r, from a randomized block Krylov iteration (a few thin products with M instead of a dense
+  eigendecomposition; ``benchmarks/olrc_solver.py`` measures both).
 * ``truncated_svd``: the rank-p truncated SVD as factors.
 * ``tn``: ``aᵀ b`` whose float32 result does not depend on the machine's thread count. On XLA:CPU (jax 0.10) a
   product whose left operand is a transposed view (contracting its rows) runs through Eigen's contraction, which
@@ -57,6 +60,52 @@ def top_eigh(M: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
   """
   e, V = eigh_desc(M)
   return e[:r], V[:, :r]
+
+
+# The block Krylov solver's shape: blocks of r + KRYLOV_OVERSAMPLE columns, KRYLOV_STEPS products with M. It
+# pays from about ITERATIVE_MIN_N on (below, the dense eigh is cheap and the tests' small layers keep it), and
+# only while the Krylov basis stays under half of n.
+ITERATIVE_MIN_N = 1024
+KRYLOV_OVERSAMPLE = 32
+KRYLOV_STEPS = 6
+
+
+def _krylov_width(r: int) -> int:
+  return (KRYLOV_STEPS + 1) * (r + KRYLOV_OVERSAMPLE)
+
+
+def top_eigh_iterative(M: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """``top_eigh`` of a symmetric PSD M by randomized block Krylov iteration: ``(e_r (r,) descending, V_r (n, r))``.
+
+  The basis ``K = orth[Y, MY, …, M^q Y]`` (Y a fixed Gaussian n × (r + p) block, each block re-orthonormalised,
+  q = ``KRYLOV_STEPS``, p = ``KRYLOV_OVERSAMPLE``) followed by Rayleigh–Ritz: the eigh of ``Kᵀ M K``. Musco & Musco
+  (NeurIPS 2015) bound its captured energy by the gap-free ``(1 + ε)`` of the best rank r; on OLrC's residual Grams
+  the optimum ``tr M − Σ e_r`` came within 3e-6 of the dense one (``benchmarks/olrc_solver.py``). V_r is
+  orthonormal and e_r are its Ritz values, so ``Σ e_r = tr(V_rᵀ M V_r)``: the optimum a caller computes from them
+  is the returned subspace's own value. Every product goes through ``mm``/``tn`` and the rest is LAPACK (pinned to
+  one thread by ``runtime.pin_lapack``), so the result does not depend on the thread count; the start is fixed,
+  so it is reproducible. A zero or low-rank M is fine (the QR of a zero block is still orthonormal).
+  """
+  n = M.shape[0]
+  if not 0 < _krylov_width(r) <= n:
+    raise ValueError(f"top_eigh_iterative needs a Krylov basis of {_krylov_width(r)} ≤ n columns; got r={r}, "
+                     f"n={n} (use top_eigh).")
+  M = 0.5 * (M + M.T)
+  Y, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (n, r + KRYLOV_OVERSAMPLE), M.dtype))
+  blocks = [Y]
+  for _ in range(KRYLOV_STEPS):
+    Y, _ = jnp.linalg.qr(mm(M, Y))
+    blocks.append(Y)
+  K, _ = jnp.linalg.qr(jnp.concatenate(blocks, axis=1))
+  e, U = eigh_desc(tn(K, mm(M, K)))
+  return e[:r], mm(K, U[:, :r])
+
+
+def top_eigh_auto(M: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """``top_eigh_iterative`` where it pays (n ≥ ``ITERATIVE_MIN_N`` and its basis under n / 2), else the dense
+  ``top_eigh``."""
+  n = M.shape[0]
+  return top_eigh_iterative(M, r) if n >= ITERATIVE_MIN_N and 0 < 2 * _krylov_width(r) <= n else top_eigh(M, r)
 
 
 def truncated_svd(A: jax.Array, p: int) -> tuple[jax.Array, jax.Array]:

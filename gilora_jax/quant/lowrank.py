@@ -15,6 +15,11 @@ Two equivalent ways to get it, chosen by the smaller side:
 * input side (d_in < d_out): with the top-r left singular vectors U_r of ``Z = Tᵀ E``,
   ``L = T⁻ᵀ U_r`` (a triangular solve) and ``R = U_rᵀ Z``.
 
+The top-r eigenpairs of the Gram matrix come from the dense eigh below n = 1024 and from a randomized block
+Krylov iteration from there on (``linalg.top_eigh_auto``; n is the Gram matrix's side, the smaller of d_in and
+d_out): at n = 4096 the dense eigh was about 40 % of gilora's whole call. The factors are built from an orthonormal V_r (or U_r) and the optimum
+is ``tr − Σ e_r`` with its Ritz values, so the returned objective is always the returned factors' own.
+
 On column shards (E's output columns split over devices, ``gilora_jax.sharding``) both sides run as written,
 partitioned by XLA: on the input side ``Z = Tᵀ E`` stays column-local, the Gram ``Z Zᵀ`` is one all-reduce of
 the shards' d_in × d_in partial products, its eigh is computed replicated, and ``R = U_rᵀ Z`` is column-local
@@ -52,8 +57,9 @@ class LowRank(NamedTuple):
 
 
 def _top_eigh(M: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-r eigenpairs of a PSD Gram matrix, plus its trace: ``(e_r (r,), V_r (n, r), tr M)``."""
-  e, V = linalg.top_eigh(M, r)
+  """Top-r eigenpairs of a PSD Gram matrix, plus its trace: ``(e_r (r,), V_r (n, r), tr M)``; from
+  n = 1024 on by block Krylov (``linalg.top_eigh_auto``)."""
+  e, V = linalg.top_eigh_auto(M, r)
   return e, V, jnp.trace(M)
 
 

@@ -1,4 +1,5 @@
 """OLrC reaches the Eckart–Young optimum of the whitened residual; LoRC is the plain truncated SVD."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,3 +90,22 @@ def test_optimum_of_a_residual_within_the_rank_is_zero_not_negative(rng, d_out):
   E = jnp.asarray(np.outer(V[:, 0], np.ones(d_out)) + 0.01 * rng.standard_normal((d_in, d_out)), jnp.float32)
   if d_out <= d_in:  # the output-side Gram needs no factor of the (indefinite) matrix
     assert float(lowrank.olrc(E, H_bad, 1)[1]) < 0
+
+
+@pytest.mark.parametrize("d_in, d_out", [(1100, 1024), (1024, 1100)])  # output side and input side, n = 1024
+def test_olrc_on_a_large_layer_reaches_eckart_young_through_block_krylov(d_in, d_out):
+  """From n = 1024 on the Gram matrix's top-r comes from block Krylov (linalg.top_eigh_auto): in float32 the factors
+  reach the float64 Eckart–Young optimum within 1e-5 of the error energy, and the returned optimum is the returned
+  factors' own objective."""
+  rng = np.random.default_rng(3)
+  X = rng.standard_normal((3000, d_in)) * (np.arange(d_in) + 1.0) ** -0.5
+  H = X.T @ X
+  E = rng.standard_normal((d_in, d_out)) * (np.arange(d_out) + 1.0) ** -0.3
+  Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(d_in)
+  r = 32
+  (L, R), opt = jax.jit(lowrank.olrc, static_argnums=2)(jnp.asarray(E, jnp.float32), jnp.asarray(Hd, jnp.float32), r)
+  ref = _eckart_young(E, Hd, r)
+  achieved = problems.out_err(E, np.asarray(L, np.float64) @ np.asarray(R, np.float64), Hd)
+  scale = problems.out_err(E, 0 * E, Hd)
+  assert abs(achieved - ref) <= 1e-5 * scale, (achieved, ref, scale)
+  assert abs(float(opt) - achieved) <= 1e-5 * scale
