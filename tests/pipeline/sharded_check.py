@@ -21,10 +21,11 @@ from gilora_jax.pipeline import apply, calib, run
 
 from .tiny import LM_CONFIG, random_model
 
-# (d_in, d_out, group size, methods): a wide layer (OLrC's input side), a tall one (its output side), and one
-# whose d_out 4 devices do not divide (the replicated fallback)
+# (d_in, d_out, group size, methods): a wide layer (OLrC's input side), a tall one (its output side), one whose
+# d_out 4 devices do not divide (the replicated fallback), and one whose 1024-wide Gram takes OLrC's block Krylov
+# top-r (linalg.top_eigh_auto) on the shards
 LAYER_CASES = [(64, 96, 32, ("gptq", "gptq+olrc", "gilora", "srr")), (96, 64, 32, ("gptq+olrc",)),
-               (64, 30, None, ("gptq",))]
+               (64, 30, None, ("gptq",)), (1040, 1024, None, ("gptq+olrc",))]
 OPTIONS = {"gptq": {"act_order": True}, "gptq+olrc": {"rank": 8}, "gilora": {"rank": 8, "loops": 1},
            "srr": {"rank": 8}}
 # (method, protocol) of the whole-model runs on MESH, each against the single-device run: both protocols, both
