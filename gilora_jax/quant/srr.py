@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from gilora_jax.quant import gptq as gptq_lib
 from gilora_jax.quant import grid as grid_lib
-from gilora_jax.quant import hessian, linalg
+from gilora_jax.quant import hessian, linalg, lowrank
 from gilora_jax.quant.grid import Grid, GridSpec
 from gilora_jax.quant.linalg import mm as _mm
 from gilora_jax.quant.lowrank import LowRank
@@ -250,5 +250,5 @@ def srr(W: jax.Array, H: jax.Array | hessian.Site, spec: GridSpec, rank: int, *,
   return best[1]
 
 
-_damped_objective = jax.jit(lambda W, Q, lr, H, lam: jnp.sum((W - Q - _mm(lr.L, lr.R))
-                                                             * _mm(hessian.shifted(H, lam), W - Q - _mm(lr.L, lr.R))))
+_damped_objective = jax.jit(lambda W, Q, lr, H, lam: lowrank.objective(W - Q - _mm(lr.L, lr.R),
+                                                                        hessian.shifted(H, lam)))
